@@ -1,0 +1,366 @@
+"""
+LLaMA written by hand: the language model LLaVA puts after the vision tower (LLaMA, Vicuna, TinyLlama, Llama 3).
+
+It computes what transformers' LlamaForCausalLM computes on the same checkpoint (tests/test_llama.py checks it):
+
+    from llama import Llama
+    model = Llama.from_pretrained("path/to/TinyLlama-1.1B-Chat-v1.0", dtype=torch.bfloat16)
+    logits = model(input_ids)                                # (B, T, vocab_size)
+
+A block is pre-norm: x = x + Attention(RMSNorm(x)); x = x + SwiGLU(RMSNorm(x)). Attention uses rotary position
+embeddings and grouped-query attention (n_kv_head <= n_head key/value heads shared by groups of query heads).
+"""
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
+
+from weights import (empty_model, hf_state_dict, load_hf_weights, read_config, save_hf_weights,
+                     write_json)
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int = 128
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None, {"rope_type": "linear", "factor"} or {"rope_type": "llama3", ...}
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list | None = 2
+    pad_token_id: int | None = None
+
+    @classmethod
+    def from_hf(cls, hf, source="config.json"):
+        """Build from a transformers LlamaConfig dict (config.json), checking it really is a LLaMA."""
+        if hf.get("model_type") != "llama":
+            raise ValueError(f"{source}: model_type is {hf.get('model_type')!r}, expected 'llama' (a LlamaForCausalLM)")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (LLaMA uses silu)")
+        # transformers 5 may keep rope_theta and the scaling under rope_parameters; older files keep them at top level
+        rope = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling is not None:
+            scaling = dict(scaling, rope_type=scaling.get("rope_type", scaling.get("type")))
+            scaling.pop("type", None)
+            scaling.pop("rope_theta", None)
+            if scaling["rope_type"] == "default":
+                scaling = None
+            elif scaling["rope_type"] not in ("linear", "llama3"):
+                raise ValueError(f"{source}: rope scaling {scaling['rope_type']!r} is not supported (linear, llama3)")
+        heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)), rope_scaling=scaling,
+            tie_word_embeddings=hf.get("tie_word_embeddings", False), attention_bias=hf.get("attention_bias", False),
+            mlp_bias=hf.get("mlp_bias", False), bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"))
+
+    def to_hf(self):
+        """The config.json transformers reads as a LlamaForCausalLM."""
+        hf = {k: v for k, v in asdict(self).items() if k != "rope_scaling"}
+        hf.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu")
+        if self.rope_scaling is not None:
+            hf["rope_scaling"] = dict(self.rope_scaling)
+        return hf
+
+
+def llama_key_map(config, prefix="model.", lm_head="lm_head.weight"):
+    """Our parameter names -> transformers' LlamaForCausalLM names (q/k/v and gate/up are fused here)."""
+    q_rows = config.num_attention_heads * config.head_dim
+    kv_rows = config.num_key_value_heads * config.head_dim
+    key_map = {"embed_tokens.weight": prefix + "embed_tokens.weight", "norm.weight": prefix + "norm.weight"}
+    if not config.tie_word_embeddings:
+        key_map["lm_head.weight"] = lm_head
+    for i in range(config.num_hidden_layers):
+        ours, hf = f"layers.{i}.", f"{prefix}layers.{i}."
+        key_map[ours + "attention_norm.weight"] = hf + "input_layernorm.weight"
+        key_map[ours + "mlp_norm.weight"] = hf + "post_attention_layernorm.weight"
+        kinds = ["weight", "bias"] if config.attention_bias else ["weight"]
+        for kind in kinds:
+            key_map[ours + f"attention.qkv.{kind}"] = [(hf + f"self_attn.q_proj.{kind}", q_rows),
+                                                      (hf + f"self_attn.k_proj.{kind}", kv_rows),
+                                                      (hf + f"self_attn.v_proj.{kind}", kv_rows)]
+            key_map[ours + f"attention.out.{kind}"] = hf + f"self_attn.o_proj.{kind}"
+        kinds = ["weight", "bias"] if config.mlp_bias else ["weight"]
+        for kind in kinds:
+            key_map[ours + f"mlp.gate_up.{kind}"] = [(hf + f"mlp.gate_proj.{kind}", config.intermediate_size),
+                                                    (hf + f"mlp.up_proj.{kind}", config.intermediate_size)]
+            key_map[ours + f"mlp.down.{kind}"] = hf + f"mlp.down_proj.{kind}"
+    return key_map
+
+
+def rope_inverse_frequencies(config, device=None):
+    """inv_freq_i = 1 / theta^(2i / head_dim), with llama3 or linear context scaling when the config asks for it."""
+    head_dim = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between
+    factor, old_context = scaling["factor"], scaling["original_max_position_embeddings"]
+    low_wavelen = old_context / scaling["low_freq_factor"]
+    high_wavelen = old_context / scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - scaling["low_freq_factor"]) / (
+        scaling["high_freq_factor"] - scaling["low_freq_factor"])
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate pairs (x_i, x_{i + head_dim/2}) by position-dependent angles (transformers' rotate_half convention)."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()  # normalized in float32 whatever the model dtype, the weight applied after the cast back
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # x / sqrt(mean(x^2) + eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated up to max_length tokens."""
+
+    def __init__(self, config, batch_size, max_length, device="cpu", dtype=torch.float32):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # tokens cached so far; Llama.forward advances it after all layers have written
+
+    def update(self, layer, keys, values):
+        """Append (B, n_kv_head, T, head_dim) keys/values of one layer; return all of them so far."""
+        start, end = self.length, self.length + keys.shape[2]
+        if end > self.keys.shape[3]:
+            raise ValueError(f"KV cache full: {end} tokens do not fit in max_length {self.keys.shape[3]}")
+        self.keys[layer, :, :, start:end] = keys
+        self.values[layer, :, :, start:end] = values
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # (B, n_kv_head, end, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_index):
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_head, self.n_kv_head, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                      config.head_dim)
+        self.split = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
+        self.qkv = nn.Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
+        self.out = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, x, cos, sin, mask, cache):
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = rearrange(q, "b t (h d) -> b h t d", d=self.head_dim)  # (B, n_head, T, head_dim)
+        k = rearrange(k, "b t (h d) -> b h t d", d=self.head_dim)  # (B, n_kv_head, T, head_dim)
+        v = rearrange(v, "b t (h d) -> b h t d", d=self.head_dim)  # (B, n_kv_head, T, head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)  # (B, n_kv_head, T_past + T, head_dim)
+        # softmax(q k^T / sqrt(head_dim)) v; query head j reads kv head j // (n_head / n_kv_head)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        y = rearrange(y, "b h t d -> b t (h d)")  # (B, T, n_head * head_dim)
+        return self.out(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)  # SwiGLU: W_down (silu(W_gate x) * W_up x)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_index):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config, layer_index)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # recompute each block in backward instead of storing its activations
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None, cache=None,
+                last_token_only=False):
+        """
+        input_ids (B, T), or inputs_embeds (B, T, hidden_size) as LLaVA feeds them -> logits (B, T, vocab_size),
+        or (B, 1, vocab_size) for the last position only (generation).
+        position_ids (B, T): default 0.. T-1 after the cached tokens.
+        attention_mask (B, T_past + T), True at real tokens: needed only for left padding (batched generation).
+            Right padding needs none: causal attention never looks forward, and padded positions carry no loss.
+        cache: a KVCache; the new keys/values are appended and the cached ones attended to.
+        """
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, hidden_size)
+        batch, length = x.shape[:2]
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + length, device=x.device).expand(batch, length)
+        cos, sin = self.rotary_cos_sin(position_ids, x.dtype)
+        mask = None  # None: plain causal attention (SDPA's is_causal, so CUDA may take the flash kernel)
+        if attention_mask is not None or past > 0:
+            query_positions = torch.arange(past, past + length, device=x.device)[:, None]  # (T, 1)
+            key_positions = torch.arange(past + length, device=x.device)[None, :]  # (1, T_past + T)
+            mask = key_positions <= query_positions  # (T, T_past + T) causal
+            if attention_mask is not None:
+                mask = mask & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T_past + T)
+                mask = mask | (key_positions == query_positions)  # a pad position sees itself: no all-masked row
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += length
+        if last_token_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    def rotary_cos_sin(self, position_ids, dtype):
+        """cos and sin of the rotation angles position * inv_freq, (B, 1, T, head_dim), computed in float32."""
+        inv_freq = rope_inverse_frequencies(self.config, device=position_ids.device)
+        angles = position_ids[..., None].float() * inv_freq  # (B, T, head_dim / 2)
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, head_dim)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    @torch.no_grad()
+    def generate_stream(self, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens=32,
+                        temperature=0.0, top_k=0, top_p=1.0, stop_token_ids=(), cache=None, use_cache=True,
+                        generator=None):
+        """
+        Yield the next token of every row, (B,), one step at a time, until every row has produced a stop token or
+        max_new_tokens were made. Rows that stopped repeat their stop token.
+
+        The prompt is input_ids (B, T) or inputs_embeds (B, T, D), left-padded when rows differ in length, with
+        attention_mask (B, T) False on the padding. With use_cache, the prompt is run once (prefill) and each new
+        token alone (decode), reading the keys/values of the past from `cache` (made here if not given; pass one to
+        continue a conversation: then the prompt is only the new tokens and attention_mask, if given, covers the
+        cached ones too). Without cache, the whole sequence is recomputed at every step (the slow reference).
+        """
+        embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        batch, length = embeds.shape[:2]
+        past = cache.length if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + length, dtype=torch.bool, device=embeds.device)
+        attention_mask = attention_mask.bool()
+        if use_cache and cache is None:
+            cache = KVCache(self.config, batch, length + max_new_tokens, embeds.device, embeds.dtype)
+        stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=embeds.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=embeds.device)
+        next_input = embeds
+        for _ in range(max_new_tokens):
+            # each row counts positions from its first real token, so left padding does not shift them
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T_total)
+            if use_cache:
+                new = next_input.shape[1]
+                padded = not bool(attention_mask.all())
+                logits = self(inputs_embeds=next_input, position_ids=positions[:, -new:], cache=cache,
+                              attention_mask=attention_mask if padded else None, last_token_only=True)
+            else:
+                logits = self(inputs_embeds=embeds, position_ids=positions, attention_mask=attention_mask,
+                              last_token_only=True)
+            token = sample_next_token(logits[:, -1].float(), temperature, top_k, top_p, generator)  # (B,)
+            token = torch.where(finished, stop[0] if len(stop) else token, token)
+            yield token
+            finished |= torch.isin(token, stop)
+            if bool(finished.all()):
+                return
+            next_input = self.embed_tokens(token)[:, None]  # (B, 1, D)
+            embeds = torch.cat([embeds, next_input], dim=1)  # (B, T + 1, D), used only without cache
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+
+    def generate(self, *args, **kwargs):
+        """generate_stream collected: the new tokens (B, N)."""
+        return torch.stack(list(self.generate_stream(*args, **kwargs)), dim=1)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+        """Load a transformers LlamaForCausalLM directory (config.json + model.safetensors or sharded)."""
+        config = LlamaConfig.from_hf(read_config(path), source=os.path.join(path, "config.json"))
+        model = empty_model(cls, config, dtype, device)
+        model.tie_weights()  # to_empty replaced the parameters, which unties them
+        ignored = ("rotary_emb.inv_freq", "lm_head.weight") if config.tie_word_embeddings else ("rotary_emb.inv_freq",)
+        load_hf_weights(model, path, llama_key_map(config), ignored_suffixes=ignored)
+        return model
+
+    def save_pretrained(self, path):
+        """Write a directory transformers loads as a LlamaForCausalLM."""
+        os.makedirs(path, exist_ok=True)
+        save_hf_weights(hf_state_dict(self, llama_key_map(self.config)), path)
+        dtype = str(next(self.parameters()).dtype).removeprefix("torch.")
+        write_json(dict(self.config.to_hf(), dtype=dtype), os.path.join(path, "config.json"))
+
+
+def sample_next_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    """Pick one token per row from logits (B, vocab): greedy at temperature 0, else sampled from the softmax at that
+    temperature, restricted to the top_k most likely tokens and to the smallest set whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs > top_p  # the tokens before them already reach top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
