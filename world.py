@@ -1,0 +1,554 @@
+"""
+The shapes world: a procedural visual world and a rule-based teacher, tinyllava's stand-in for COCO and GPT-4.
+
+LLaVA (Liu et al. 2023, Sec. 3) never shows GPT-4 an image. It gives GPT-4 the captions and boxes of a COCO image
+(its symbolic representation) and asks for three kinds of instruction data: multi-turn conversation, detailed
+description and complex reasoning. Here a scene is sampled symbolically (objects with a shape, color, size, grid cell
+and pixel box), rendered with Pillow, and a teacher writes the same three kinds of data from the symbolic scene alone,
+plus the stage-1 pairs (a brief-description question answered by the caption). Everything lands on disk as LLaVA JSON
+and PNG files, so training reads it through the same data path as real data.
+
+    python world.py                          # generate the default world under cache/world/ and print a summary
+    python world.py --seed 1 --root /tmp/w   # another seed, another place
+
+The world directory (one per seed and settings; generated once, then reused):
+    images/train_00000.png ...      the scenes, IMAGE_SIZE x IMAGE_SIZE RGB
+    scenes.json                     the symbolic scene of every image (objects, cells, boxes, caption)
+    stage1.json, val_stage1.json    brief-description question -> caption (train split, held-out split)
+    stage2.json, val_stage2.json    conversations, detailed descriptions and complex reasoning, mixed
+    eval.json                       held-out single questions, {id, image, question, answer, type}; the question
+                                    holds no <image> tag (the caller adds it, as for any prompt)
+    world.json                      manifest: version, seed, settings, counts
+Image paths in the JSON files are relative to the world directory. Answers use one fixed phrasing per question type,
+so exact match on held-out questions (`exact_match`) is a meaningful score.
+"""
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from data import BRIEF_DESCRIPTION_QUESTIONS, DETAILED_DESCRIPTION_QUESTIONS  # the paper's Tables 8 and 9
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The world's constants. Changing any of them changes the cache key, so a stale world is never reused.
+
+VERSION = 1  # bump when the renderer or the teacher changes in a way the constants below do not show
+
+IMAGE_SIZE = 64  # pixels, square RGB
+GRID = 3  # GRID x GRID cells, one object per cell at most
+CELL_NAMES = (("top left", "top", "top right"),  # one name per cell, row by row: rewrite them if GRID changes
+              ("left", "center", "right"),
+              ("bottom left", "bottom", "bottom right"))
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (220, 20, 20), "green": (20, 160, 20), "blue": (20, 40, 220),
+          "yellow": (240, 220, 0), "purple": (140, 30, 170), "orange": (255, 140, 0)}
+SIZES = {"small": 10, "large": 17}  # side of the shape's square box, in pixels
+BACKGROUNDS = {"white": (255, 255, 255), "gray": (200, 200, 200), "light blue": (190, 225, 245)}
+MIN_OBJECTS, MAX_OBJECTS = 1, 3
+CELL_MARGIN = 1  # pixels kept free along each cell edge, so shapes in neighbouring cells never touch
+MAX_JITTER = 2  # pixels a shape may move away from its cell's centre, each axis
+
+N_TRAIN_IMAGES = 8000
+N_HELDOUT_IMAGES = 500
+CONVERSATION_TURNS = 4  # question-answer turns in a multi-turn conversation
+REASONING_TURNS = 2  # question-answer turns in a complex-reasoning record
+DESCRIPTION_FRACTION = 0.5  # share of images that also get a detailed-description record
+EVAL_PER_TYPE = 50  # held-out questions per eval type
+
+CONVERSATION_TYPES = ("color", "shape", "count", "position", "existence", "relative_position")
+EVAL_TYPES = CONVERSATION_TYPES + ("reasoning",)
+NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+assert len(CELL_NAMES) == GRID and MIN_OBJECTS >= 1 and MAX_OBJECTS <= min(GRID * GRID, len(NUMBER_WORDS) - 1)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scenes: the symbolic representation, sampled at random.
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    color: str
+    size: str
+    row: int
+    col: int
+    box: tuple  # (x0, y0, x1, y1) in pixels, x1 and y1 exclusive
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    objects: tuple  # SceneObjects in reading order (row, then column): the canonical order of captions
+
+    def key(self):
+        """What the scene says, without the pixel jitter: two scenes with the same key are the same scene."""
+        return (self.background,) + tuple((o.row, o.col, o.shape, o.color, o.size) for o in self.objects)
+
+
+def place(shape, color, size, row, col, rng=None):
+    """An object centred in its cell, moved by up to MAX_JITTER pixels per axis if rng is given."""
+    side = SIZES[size]
+    corner = []
+    for index in (col, row):  # x from the column, y from the row
+        start = index * IMAGE_SIZE // GRID + CELL_MARGIN
+        end = (index + 1) * IMAGE_SIZE // GRID - CELL_MARGIN
+        slack = end - start - side
+        assert slack >= 0, f"a {size} shape ({side} px) does not fit in a cell of {end - start} px"
+        jitter = rng.randint(-min(MAX_JITTER, slack // 2), min(MAX_JITTER, slack - slack // 2)) if rng else 0
+        corner.append(start + slack // 2 + jitter)
+    x0, y0 = corner
+    return SceneObject(shape, color, size, row, col, (x0, y0, x0 + side, y0 + side))
+
+
+def sample_scene(rng):
+    cells = sorted(rng.sample(range(GRID * GRID), rng.randint(MIN_OBJECTS, MAX_OBJECTS)))
+    objects = tuple(place(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(SIZES)),
+                          cell // GRID, cell % GRID, rng) for cell in cells)
+    return Scene(rng.choice(list(BACKGROUNDS)), objects)
+
+
+def scene_to_json(scene):
+    return {"background": scene.background,
+            "objects": [{"shape": o.shape, "color": o.color, "size": o.size, "cell": CELL_NAMES[o.row][o.col],
+                         "row": o.row, "col": o.col, "box": list(o.box)} for o in scene.objects]}
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rendering: crisp shapes (no antialiasing), so every pixel is either the background or exactly one object's color.
+
+
+def render(scene):
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.box
+        x1, y1 = x1 - 1, y1 - 1  # Pillow's boxes include their last pixel
+        fill = COLORS[obj.color]
+        if obj.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        elif obj.shape == "triangle":  # pointing up, its base on the box's bottom edge
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+        else:
+            raise ValueError(f"unknown shape {obj.shape!r}")
+    return image
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Language: naming objects and places.
+
+
+def where(row, col):
+    """'in the top left corner', 'at the top', 'on the left', 'in the center'."""
+    name = CELL_NAMES[row][col]
+    if name == "center":
+        return "in the center"
+    if " " in name:
+        return f"in the {name} corner"
+    return f"at the {name}" if name in ("top", "bottom") else f"on the {name}"
+
+
+def phrase(size=None, color=None, shape=None):
+    """'large red circle', 'red object', 'circle', 'object'."""
+    return " ".join([word for word in (size, color) if word] + [shape or "object"])
+
+
+def with_article(text):
+    return ("an " if text[0] in "aeiou" else "a ") + text
+
+
+def capitalize(text):
+    return text[0].upper() + text[1:]
+
+
+def count(scene, **attributes):
+    """How many objects have all the given attribute values (size=, color=, shape=)."""
+    return sum(all(getattr(o, name) == value for name, value in attributes.items()) for o in scene.objects)
+
+
+def number(n, noun):
+    """'one circle', 'two circles', 'no circles'."""
+    return f"{NUMBER_WORDS[n]} {noun}" + ("" if n == 1 else "s")
+
+
+# The ways to name an object, shortest first: "the circle", "the red object", ..., "the small red circle".
+REFERENCES = (("shape",), ("color",), ("size",), ("color", "shape"), ("size", "shape"), ("size", "color"),
+              ("size", "color", "shape"))
+
+
+def refer(scene, obj, hide=()):
+    """The shortest name that picks out obj alone, using no attribute in `hide`. When attributes are not enough it
+    falls back on the cell ('the object in the center') unless "cell" is hidden too; then it returns None."""
+    for names in REFERENCES:
+        if not set(names) & set(hide):
+            attributes = {name: getattr(obj, name) for name in names}
+            if count(scene, **attributes) == 1:
+                return "the " + phrase(**attributes)
+    return None if "cell" in hide else f"the object {where(obj.row, obj.col)}"
+
+
+def relation(a, b):
+    """Where a lies relative to b: 'above', 'to the left of', 'below and to the right of', ..."""
+    vertical = "above" if a.row < b.row else "below" if a.row > b.row else ""
+    horizontal = "to the left of" if a.col < b.col else "to the right of" if a.col > b.col else ""
+    return " and ".join(part for part in (vertical, horizontal) if part)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Captions (stage 1) and detailed descriptions: every object, in reading order.
+
+
+def caption(scene):
+    """'A large red circle, a small blue square and a large green triangle on a white background.'"""
+    names = [with_article(phrase(o.size, o.color, o.shape)) for o in scene.objects]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return capitalize(f"{listed} on {with_article(scene.background)} background.")
+
+
+def description(scene):
+    """'The image shows two objects on a gray background. A large red circle is in the top left corner. ...'"""
+    sentences = [f"The image shows {number(len(scene.objects), 'object')} on {with_article(scene.background)} "
+                 "background."]
+    for o in scene.objects:
+        sentences.append(capitalize(f"{with_article(phrase(o.size, o.color, o.shape))} is {where(o.row, o.col)}."))
+    return " ".join(sentences)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Questions. Each takes its targets explicitly and returns (question, answer), or None when the scene does not give
+# the question a unique answer. `ask` below picks the targets at random.
+
+
+def color_question(scene, obj):
+    name = refer(scene, obj, hide=("color",))
+    return f"What color is {name}?", capitalize(f"{name} is {obj.color}.")
+
+
+def shape_question(scene, obj):
+    name = refer(scene, obj, hide=("shape",))
+    return f"What shape is {name}?", capitalize(f"{name} is a {obj.shape}.")
+
+
+def count_question(scene, **attributes):
+    noun, n = phrase(**attributes), count(scene, **attributes)
+    return f"How many {noun}s are there?", ("There is " if n == 1 else "There are ") + number(n, noun) + "."
+
+
+def position_question(scene, obj):
+    name = refer(scene, obj, hide=("cell",))
+    return None if name is None else (f"Where is {name}?", capitalize(f"{name} is {where(obj.row, obj.col)}."))
+
+
+def existence_question(scene, **attributes):
+    noun = phrase(**attributes)
+    answer = f"Yes, there is {with_article(noun)}." if count(scene, **attributes) else f"No, there is no {noun}."
+    return f"Is there {with_article(noun)} in the image?", answer
+
+
+def relative_position_question(scene, a, b):
+    name_a, name_b = refer(scene, a, hide=("cell",)), refer(scene, b, hide=("cell",))
+    if name_a is None or name_b is None:
+        return None
+    return f"Where is {name_a} relative to {name_b}?", capitalize(f"{name_a} is {relation(a, b)} {name_b}.")
+
+# Complex reasoning: each answer combines two facts about the scene.
+
+
+DIRECTIONS = {"to the left of": lambda o, anchor: o.col < anchor.col,
+              "to the right of": lambda o, anchor: o.col > anchor.col,
+              "above": lambda o, anchor: o.row < anchor.row, "below": lambda o, anchor: o.row > anchor.row}
+
+
+def neighbour_color_question(scene, anchor, direction):
+    """Where the anchor is, then which object lies that way of it, then its color."""
+    name = refer(scene, anchor, hide=("cell",))
+    found = [o for o in scene.objects if DIRECTIONS[direction](o, anchor)]
+    if name is None or len(found) != 1:
+        return None
+    return (f"What color is the object {direction} {name}?",
+            f"The object {direction} {name} is {found[0].color}.")
+
+
+def bigger_question(scene, a, b):
+    """The size of a, the size of b, then the comparison."""
+    name_a, name_b = refer(scene, a, hide=("size",)), refer(scene, b, hide=("size",))
+    if SIZES[a.size] > SIZES[b.size]:
+        answer = f"Yes, {name_a} is bigger than {name_b}."
+    elif SIZES[a.size] < SIZES[b.size]:
+        answer = f"No, {name_a} is smaller than {name_b}."
+    else:
+        answer = f"No, {name_a} and {name_b} are the same size."
+    return f"Is {name_a} bigger than {name_b}?", answer
+
+
+def same_color_count_question(scene, obj):
+    """The color of obj, then how many other objects have it."""
+    name = refer(scene, obj, hide=("color",))
+    others = count(scene, color=obj.color) - 1
+    return (f"How many other objects are the same color as {name}?",
+            ("There is " if others == 1 else "There are ") + number(others, f"other {obj.color} object") + ".")
+
+
+def same_color_question(scene, a, b):
+    """The color of a, the color of b, then the comparison."""
+    name_a, name_b = refer(scene, a, hide=("color",)), refer(scene, b, hide=("color",))
+    answer = (f"Yes, both are {a.color}." if a.color == b.color else
+              f"No, {name_a} is {a.color} and {name_b} is {b.color}.")
+    return f"Are {name_a} and {name_b} the same color?", answer
+
+
+def random_attributes(scene, rng, present):
+    """size/color/shape values of a random object of the scene (present=True) or drawn at random (False)."""
+    if present:
+        obj = rng.choice(scene.objects)
+        return {"size": obj.size, "color": obj.color, "shape": obj.shape}
+    return {"size": rng.choice(list(SIZES)), "color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES)}
+
+
+def random_existence_question(scene, rng, want_yes):
+    """An existence question about a random description whose answer is yes (want_yes) or no."""
+    for _ in range(1000):  # a "no" exists as long as the objects don't cover every color-shape pair
+        values = random_attributes(scene, rng, present=want_yes)
+        attributes = {name: values[name] for name in rng.choice(REFERENCES)}
+        if (count(scene, **attributes) > 0) == want_yes:
+            return existence_question(scene, **attributes)
+    return None
+
+
+def first_answerable(make_question, candidates, rng):
+    """Try the candidate targets in random order; the first question with a unique answer, or None."""
+    for args in rng.sample(candidates, len(candidates)):
+        qa = make_question(*args)
+        if qa is not None:
+            return qa
+    return None
+
+
+def ask(kind, scene, rng):
+    """A random question of the given type (a CONVERSATION_TYPES entry or "reasoning") about the scene, or None."""
+    objects = scene.objects
+    pairs = [(a, b) for a in objects for b in objects if a is not b]
+    if kind == "color":
+        return color_question(scene, rng.choice(objects))
+    if kind == "shape":
+        return shape_question(scene, rng.choice(objects))
+    if kind == "count":  # total, per color, per shape or per both; half of them about what the scene holds
+        names = rng.choice(((), ("color",), ("shape",), ("color", "shape")))
+        values = random_attributes(scene, rng, present=rng.random() < 0.5)
+        return count_question(scene, **{name: values[name] for name in names})
+    if kind == "existence":  # yes and no equally often
+        return random_existence_question(scene, rng, want_yes=rng.random() < 0.5)
+    if kind == "position":
+        return first_answerable(lambda o: position_question(scene, o), [(o,) for o in objects], rng)
+    if kind == "relative_position":
+        return first_answerable(lambda a, b: relative_position_question(scene, a, b), pairs, rng)
+    if kind == "reasoning":
+        candidates = {neighbour_color_question: [(o, d) for o in objects for d in DIRECTIONS],
+                      bigger_question: pairs, same_color_question: pairs,
+                      same_color_count_question: [(o,) for o in objects]}
+        for question in rng.sample(list(candidates), len(candidates)):  # a random template the scene allows
+            qa = first_answerable(lambda *args: question(scene, *args), candidates[question], rng)
+            if qa is not None:
+                return qa
+        return None
+    raise ValueError(f"unknown question type {kind!r}")
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The teacher: LLaVA-JSON records for one image.
+
+
+def llava_record(record_id, image, pairs):
+    """{"id", "image", "conversations"}: human/gpt turns, the <image> tag at the head of the first question."""
+    conversations = []
+    for turn, (question, answer) in enumerate(pairs):
+        conversations.append({"from": "human", "value": "<image>\n" + question if turn == 0 else question})
+        conversations.append({"from": "gpt", "value": answer})
+    return {"id": record_id, "image": image, "conversations": conversations}
+
+
+def questions(scene, rng, kinds, turns, tally):
+    """Up to `turns` distinct questions, each of a type drawn from `kinds`, as (question, answer) pairs."""
+    pairs = []
+    for _ in range(20 * turns):  # bounded: a one-object scene allows few distinct reasoning questions
+        if len(pairs) == turns:
+            break
+        kind = rng.choice(kinds)
+        qa = ask(kind, scene, rng)
+        if qa is not None and qa[0] not in [question for question, _ in pairs]:
+            pairs.append(qa)
+            tally[kind] += 1
+    return pairs
+
+
+def teach(scene, image, rng, tally):
+    """The stage-1 record and the stage-2 records (conversation, reasoning, maybe a detailed description)."""
+    name = Path(image).stem
+    stage1 = llava_record(f"{name}-caption", image, [(rng.choice(BRIEF_DESCRIPTION_QUESTIONS), caption(scene))])
+    tally["caption"] += 1
+    stage2 = [llava_record(f"{name}-conversation", image,
+                           questions(scene, rng, CONVERSATION_TYPES, CONVERSATION_TURNS, tally)),
+              llava_record(f"{name}-reasoning", image, questions(scene, rng, ("reasoning",), REASONING_TURNS, tally))]
+    if rng.random() < DESCRIPTION_FRACTION:
+        stage2.append(llava_record(f"{name}-description", image,
+                                   [(rng.choice(DETAILED_DESCRIPTION_QUESTIONS), description(scene))]))
+        tally["description"] += 1
+    return stage1, stage2
+
+
+def eval_questions(scenes, images, seed, per_type):
+    """Single held-out questions, `per_type` of each EVAL_TYPES type, each type spread over distinct images."""
+    items = []
+    for kind in EVAL_TYPES:
+        rng = random.Random(f"{seed}:eval:{kind}")
+        found = 0
+        for i in rng.sample(range(len(scenes)), len(scenes)):
+            if found == per_type:
+                break
+            if kind == "existence":  # exactly as many yes as no answers
+                qa = random_existence_question(scenes[i], rng, want_yes=found % 2 == 0)
+            else:
+                qa = ask(kind, scenes[i], rng)
+            if qa is not None:
+                items.append({"id": f"eval-{kind}-{found:04d}", "image": images[i], "question": qa[0],
+                              "answer": qa[1], "type": kind})
+                found += 1
+    return items
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files: sample distinct scenes, split them, render, teach, write; atomically, into a cache directory.
+
+
+def settings(seed, n_train, n_heldout, eval_per_type):
+    """Everything the world's content depends on; its hash names the cache directory."""
+    return {"version": VERSION, "seed": seed, "n_train": n_train, "n_heldout": n_heldout,
+            "eval_per_type": eval_per_type, "image_size": IMAGE_SIZE, "grid": GRID, "cell_names": CELL_NAMES,
+            "shapes": SHAPES, "colors": COLORS, "sizes": SIZES, "backgrounds": BACKGROUNDS,
+            "objects": [MIN_OBJECTS, MAX_OBJECTS], "cell_margin": CELL_MARGIN, "max_jitter": MAX_JITTER,
+            "conversation_turns": CONVERSATION_TURNS, "reasoning_turns": REASONING_TURNS,
+            "description_fraction": DESCRIPTION_FRACTION, "brief_questions": BRIEF_DESCRIPTION_QUESTIONS,
+            "detailed_questions": DETAILED_DESCRIPTION_QUESTIONS}
+
+
+def write_json(path, data):
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+
+
+def generate(directory, seed, n_train, n_heldout, eval_per_type):
+    """Write a whole world into `directory` (which exists and is empty); return its manifest."""
+    directory = Path(directory)
+    (directory / "images").mkdir()
+    rng = random.Random(seed)
+    scenes, seen = [], set()
+    for _ in range(100 * (n_train + n_heldout)):  # distinct scenes only, so the two splits can't share one
+        if len(scenes) == n_train + n_heldout:
+            break
+        scene = sample_scene(rng)
+        if scene.key() not in seen:
+            seen.add(scene.key())
+            scenes.append(scene)
+    if len(scenes) < n_train + n_heldout:
+        raise ValueError(f"the world has too few distinct scenes for {n_train} + {n_heldout} images")
+    rng.shuffle(scenes)  # rejection favours many-object scenes late in sampling; spread them over both splits
+
+    manifest = {**settings(seed, n_train, n_heldout, eval_per_type), "files": {}, "question_types": {},
+                "objects_per_scene": dict(sorted(Counter(str(len(s.objects)) for s in scenes).items()))}
+    scene_records = []
+    for split, split_scenes, prefix in (("train", scenes[:n_train], ""), ("val", scenes[n_train:], "val_")):
+        images, stage1, stage2, tally = [], [], [], Counter()
+        for i, scene in enumerate(split_scenes):
+            image = f"images/{split}_{i:05d}.png"
+            render(scene).save(directory / image, compress_level=1)
+            one, more = teach(scene, image, random.Random(f"{seed}:{image}"), tally)
+            images.append(image)
+            stage1.append(one)
+            stage2.extend(more)
+            scene_records.append({"image": image, "split": split, **scene_to_json(scene), "caption": caption(scene)})
+        random.Random(f"{seed}:{split}:mix").shuffle(stage2)  # the three response types, mixed
+        write_json(directory / f"{prefix}stage1.json", stage1)
+        write_json(directory / f"{prefix}stage2.json", stage2)
+        manifest["files"].update({f"{prefix}stage1.json": len(stage1), f"{prefix}stage2.json": len(stage2)})
+        manifest["question_types"][split] = dict(sorted(tally.items()))
+        if split == "val":
+            items = eval_questions(split_scenes, images, seed, eval_per_type)
+            write_json(directory / "eval.json", items)
+            manifest["files"]["eval.json"] = len(items)
+            manifest["question_types"]["eval"] = dict(Counter(item["type"] for item in items))
+    write_json(directory / "scenes.json", scene_records)
+    manifest["files"].update({"scenes.json": len(scene_records), "images": len(scenes)})
+    write_json(directory / "world.json", manifest)
+    return manifest
+
+
+def world_directory(root="cache/world", seed=0, n_train=N_TRAIN_IMAGES, n_heldout=N_HELDOUT_IMAGES,
+                    eval_per_type=EVAL_PER_TYPE):
+    """root/v{VERSION}-seed{seed}-{hash of all the settings}: a change of constants or seed never reuses a stale
+    world."""
+    digest = hashlib.sha256(json.dumps(settings(seed, n_train, n_heldout, eval_per_type), sort_keys=True).encode())
+    return Path(root) / f"v{VERSION}-seed{seed}-{digest.hexdigest()[:10]}"
+
+
+def ensure_world(root="cache/world", seed=0, n_train=N_TRAIN_IMAGES, n_heldout=N_HELDOUT_IMAGES,
+                 eval_per_type=EVAL_PER_TYPE):
+    """The world's directory (see world_directory), generated on first use."""
+    directory = world_directory(root, seed, n_train, n_heldout, eval_per_type)
+    if directory.exists():
+        if not (directory / "world.json").exists():
+            raise RuntimeError(f"{directory} exists but holds no world.json: not a world written by world.py; "
+                               "remove it to regenerate")
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    temporary = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
+    try:
+        manifest = generate(temporary, seed, n_train, n_heldout, eval_per_type)
+        os.chmod(temporary, 0o755)
+        os.rename(temporary, directory)  # the world appears whole or not at all
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if (directory / "world.json").exists():  # another process finished the same world first
+            return directory
+        raise
+    files = manifest["files"]
+    print(f"world: {n_train} train + {n_heldout} held-out images, {files['stage1.json']} stage-1 and "
+          f"{files['stage2.json']} stage-2 records, {files['eval.json']} eval questions "
+          f"in {time.time() - started:.1f}s -> {directory}")
+    return directory
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scoring held-out answers.
+
+
+def normalize_answer(text):
+    """Lowercase, single spaces, no trailing punctuation: '  The circle is  RED. ' -> 'the circle is red'."""
+    return re.sub(r"[\s.!?,;:]+$", "", " ".join(text.lower().split()))
+
+
+def exact_match(prediction, answer):
+    return normalize_answer(prediction) == normalize_answer(answer)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Generate the shapes world and print a summary.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--root", default="cache/world")
+    args = parser.parse_args()
+    cached = world_directory(args.root, args.seed).exists()
+    started = time.time()
+    world = ensure_world(args.root, args.seed)
+    elapsed = time.time() - started
+    manifest = json.loads((world / "world.json").read_text())
+    print(f"world directory: {world}")
+    print(f"objects per scene: {manifest['objects_per_scene']}")
+    for name, n in manifest["files"].items():
+        print(f"  {name:18s} {n:7d}")
+    for split, tally in manifest["question_types"].items():
+        print(f"  {split} question types: " + ", ".join(f"{kind} {n}" for kind, n in tally.items()))
+    print("already generated, nothing to do" if cached else f"generated in {elapsed:.1f}s")
