@@ -8,6 +8,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from clip import CLIP, CLIPVision
+from helpers import randomize
 
 VISION = {
     "224_patch16_quick_gelu": dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
@@ -17,20 +18,6 @@ VISION = {
 }
 TEXT = dict(vocab_size=100, hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=20, bos_token_id=98, eos_token_id=50, pad_token_id=0)  # EOS not the largest id
-
-
-def randomize(model, seed=0):
-    """Weights unlike transformers' init (layer-norm weights != 1, biases != 0), so a forgotten norm or bias shows."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if "logit_scale" in name:
-                param.fill_(2.0)
-            else:
-                param.copy_(1.0 + 0.2 * noise if ("norm" in name or "layrnorm" in name) and "weight" in name
-                            else 0.1 * noise)
-    return model
 
 
 def make_hf_clip(tmp_path, vision_name, seed=0, **save_kwargs):

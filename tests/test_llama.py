@@ -7,6 +7,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from helpers import randomize
 from llama import Llama, LlamaConfig, sample_next_token
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -21,16 +22,6 @@ CONFIGS = {
                                                   high_freq_factor=4.0, original_max_position_embeddings=64)),
     "linear_rope_scaling": dict(num_key_value_heads=4, rope_scaling=dict(rope_type="linear", factor=4.0)),
 }
-
-
-def randomize(model, seed=0):
-    """Weights unlike transformers' init (norm weights != 1, biases != 0), so a forgotten norm or bias shows."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(1.0 + 0.2 * noise if "norm" in name else 0.08 * noise)
-    return model
 
 
 def make_hf_llama(tmp_path, name, seed=0, **save_kwargs):

@@ -1,0 +1,348 @@
+"""
+tinyllava: the LLaVA model, the paper's Figure 1 in a few lines.
+
+    Z_v = g(X_v)            a frozen CLIP ViT g encodes the image; penultimate layer, patch tokens only
+    H_v = W · Z_v           the projection W maps them into the LLM's word-embedding space
+    [H_q, H_v] or [H_v, H_q] the image tokens replace the <image> placeholder among the text embeddings
+    p(X_a | X_v, X_q)       a LLaMA decoder predicts the answer; the loss covers answer tokens only
+
+    from tinyllava import TinyLLaVA
+    model = TinyLLaVA.from_pretrained("out/stage2/ckpt.pt")          # one of ours, or an HF LLaVA directory
+    logits, loss = model(input_ids, pixel_values, labels)
+
+Token ids hold one IMAGE_TOKEN_INDEX placeholder per image, at any position; the vocabulary is never touched.
+"""
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from clip import CLIPVision, vision_config_from_hf, vision_key_map
+from llama import Llama, LlamaConfig, llama_key_map
+from weights import (atomic_write, checkpoint_keys, empty_model, hf_state_dict, load_hf_weights, read_config,
+                     safetensors_files, save_hf_weights, write_json)
+
+IMAGE_TOKEN_INDEX = -200  # the image placeholder id in input_ids; never in the vocabulary
+IGNORE_INDEX = -100  # label of positions that carry no loss
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class TinyLLaVAConfig:
+    vision_path: str = "bases/clip"  # a HF CLIP checkpoint directory: the vision tower g
+    llm_path: str = "bases/llama"  # a HF LLaMA checkpoint directory (with its tokenizer.json)
+    projector: str = "mlp2x_gelu"  # W: 'linear' (LLaVA) or 'mlp2x_gelu' (LLaVA-1.5)
+    vision_feature_layer: int = -2  # the penultimate layer, as in the paper
+    keep_class_token: bool = False  # LLaVA drops the CLS token and keeps the patch tokens
+    template: str = "vicuna_v1"  # the conversation template the model is trained and prompted with
+    image_aspect: str = "crop"  # 'crop' (CLIP) or 'pad' (LLaVA-1.5: expand to a square first)
+    image_token_index: int | None = None  # the id HF LLaVA uses for image positions, once imported or exported
+
+
+class Projector(nn.Module):
+    """W: vision features -> word embeddings. 'linear': one matrix (LLaVA); 'mlp2x_gelu': Linear, GELU, Linear."""
+
+    def __init__(self, kind, vision_size, llm_size, bias=True):
+        super().__init__()
+        if kind not in ("linear", "mlp2x_gelu"):
+            raise ValueError(f"projector {kind!r} unknown: use 'linear' or 'mlp2x_gelu'")
+        self.linear_1 = nn.Linear(vision_size, llm_size, bias=bias)
+        self.linear_2 = nn.Linear(llm_size, llm_size, bias=bias) if kind == "mlp2x_gelu" else None
+
+    def forward(self, vision_features):
+        hidden = self.linear_1(vision_features)
+        if self.linear_2 is not None:
+            hidden = self.linear_2(F.gelu(hidden))  # exact (erf) GELU, as LLaVA-1.5
+        return hidden
+
+
+class TinyLLaVA(nn.Module):
+    def __init__(self, config, vision, llm, projector_bias=True):
+        super().__init__()
+        self.config = config
+        self.vision = vision.requires_grad_(False).eval()  # g is frozen in both stages
+        self.projector = Projector(config.projector, vision.config.hidden_size, llm.config.hidden_size, projector_bias)
+        self.llm = llm
+
+    @property
+    def num_image_tokens(self):
+        """How many embeddings one image becomes in the sequence."""
+        return self.vision.config.num_patches + (1 if self.config.keep_class_token else 0)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.vision.eval()  # frozen: always in inference mode
+        return self
+
+    def set_stage(self, stage):
+        """Stage 1 (feature alignment) trains W only; stage 2 (end-to-end) trains W and the LLM. g never trains."""
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        self.projector.requires_grad_(True)
+        self.llm.requires_grad_(stage == 2)
+
+    def image_features(self, pixel_values):
+        """H_v = W · Z_v for a stack of images (N, 3, S, S) -> (N, num_image_tokens, llm hidden size)."""
+        with torch.no_grad():
+            vision_features = self.vision(pixel_values, layer=self.config.vision_feature_layer)  # Z_v = g(X_v)
+            if not self.config.keep_class_token:
+                vision_features = vision_features[:, 1:]  # (N, num_patches, vision hidden): patch tokens only
+        return self.projector(vision_features.to(self.projector.linear_1.weight.dtype))  # H_v = W · Z_v
+
+    def embed(self, input_ids, pixel_values=None, labels=None):
+        """
+        Splice image features into the word embeddings where the placeholders stand.
+
+        input_ids (B, T), right-padded, with one IMAGE_TOKEN_INDEX per image; pixel_values (N, 3, S, S), the images
+        in the order their placeholders appear (row by row). Returns embeddings (B, L, D), labels (B, L) with
+        IGNORE_INDEX on image positions and on the new right padding (or None), and each row's length (B,).
+        """
+        is_image = input_ids == IMAGE_TOKEN_INDEX  # (B, T)
+        num_images = int(is_image.sum())
+        if num_images != (0 if pixel_values is None else len(pixel_values)):
+            raise ValueError(f"{num_images} image placeholders in input_ids but "
+                             f"{0 if pixel_values is None else len(pixel_values)} images given")
+        text_embeds = self.llm.embed_tokens(input_ids.clamp(min=0))  # (B, T, D); placeholders get replaced below
+        if num_images == 0:
+            if self.training and self.projector.linear_1.weight.requires_grad:
+                # no image in this batch: W still joins the graph (with zero weight), as DDP wants every trainable
+                # parameter to receive a gradient on every rank
+                text_embeds = text_embeds + 0 * self.projector(text_embeds.new_zeros(
+                    1, self.projector.linear_1.in_features)).sum()
+            lengths = torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
+            return text_embeds, labels, lengths
+
+        width = torch.where(is_image, self.num_image_tokens, 1)  # (B, T): how many positions each token becomes
+        end = width.cumsum(dim=1)  # (B, T): where each token ends in the spliced sequence
+        start = end - width
+        batch, length = input_ids.shape[0], int(end[:, -1].max())
+        embeds = text_embeds.new_zeros(batch, length, text_embeds.shape[-1])  # (B, L, D)
+        rows, cols = (~is_image).nonzero(as_tuple=True)
+        embeds[rows, start[rows, cols]] = text_embeds[rows, cols]
+        image_rows, image_cols = is_image.nonzero(as_tuple=True)  # row-major: the images in order
+        offsets = torch.arange(self.num_image_tokens, device=input_ids.device)
+        image_positions = start[image_rows, image_cols][:, None] + offsets  # (N, num_image_tokens)
+        embeds[image_rows[:, None], image_positions] = self.image_features(pixel_values).to(embeds.dtype)
+        spliced_labels = None
+        if labels is not None:
+            spliced_labels = labels.new_full((batch, length), IGNORE_INDEX)  # image positions carry no loss
+            spliced_labels[rows, start[rows, cols]] = labels[rows, cols]
+        return embeds, spliced_labels, end[:, -1]
+
+    def forward(self, input_ids, pixel_values=None, labels=None):
+        """
+        input_ids (B, T) right-padded with one placeholder per image, pixel_values (N, 3, S, S), labels (B, T) with
+        IGNORE_INDEX on everything but answer tokens -> logits (B, L, vocab) over the spliced sequence, and the mean
+        cross-entropy over supervised tokens (None without labels).
+        """
+        embeds, labels, _ = self.embed(input_ids, pixel_values, labels)
+        logits = self.llm(inputs_embeds=embeds)  # right padding needs no mask: causal attention never looks ahead
+        if labels is None:
+            return logits, None
+        # position t predicts token t + 1: the one place the labels are shifted
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                               ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate_stream(self, prompts, pixel_values=None, cache=None, **sampling):
+        """
+        Yield the next token of every prompt, (B,), step by step (Llama.generate_stream's sampling arguments:
+        max_new_tokens, temperature, top_k, top_p, stop_token_ids, use_cache, generator).
+
+        prompts: a list of token-id lists (lengths may differ), each with its image placeholders, or a (B, T) tensor.
+        The prompts are spliced, then left-padded so that every row's last token sits at the end (prefill), and
+        decoding goes on from the KV cache. Pass a `cache` (llama.KVCache) to continue a conversation in it; the
+        prompt is then only the new tokens.
+        """
+        device = self.llm.embed_tokens.weight.device
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        longest = max(len(p) for p in prompts)
+        input_ids = torch.tensor([list(p) + [0] * (longest - len(p)) for p in prompts], device=device)  # right-padded
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(device)
+        embeds, _, lengths = self.embed(input_ids, pixel_values)  # (B, L, D), right-padded
+        for row, prompt in enumerate(prompts):  # the text padding of this row must not count as content
+            lengths[row] -= longest - len(prompt)
+        batch, length = embeds.shape[:2]
+        shift = length - lengths  # (B,) how far each row moves right
+        source = (torch.arange(length, device=device) - shift[:, None]) % length  # (B, L)
+        embeds = embeds.gather(1, source[..., None].expand_as(embeds))  # (B, L, D), now left-padded
+        attention_mask = torch.arange(length, device=device) >= shift[:, None]  # (B, L)
+        if cache is not None:  # the cached conversation comes first
+            attention_mask = torch.cat([attention_mask.new_ones(batch, cache.length), attention_mask], dim=1)
+        yield from self.llm.generate_stream(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache,
+                                            **sampling)
+
+    def generate(self, prompts, pixel_values=None, **sampling):
+        """The new tokens (B, N) for each prompt; see generate_stream."""
+        return torch.stack(list(self.generate_stream(prompts, pixel_values, **sampling)), dim=1)
+
+    # ---- building, loading and saving ----
+
+    @classmethod
+    def from_bases(cls, config, dtype=torch.float32, device="cpu"):
+        """Start from pretrained towers (HF CLIP and LLaMA directories) and a freshly initialized W."""
+        vision = CLIPVision.from_pretrained(resolve(config.vision_path), dtype=dtype, device=device)
+        llm = Llama.from_pretrained(resolve(config.llm_path), dtype=dtype, device=device)
+        return cls(config, vision, llm).to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+        """Load one of our checkpoints (ckpt.pt, or a directory holding one) or an HF LLaVA directory."""
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+            return cls.from_hf(path, dtype, device)
+        file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{path}: no checkpoint here (expected ckpt.pt or an HF LLaVA directory)")
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+        if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
+            raise ValueError(f"{file}: not a tinyllava checkpoint (no 'config' and 'model' entries)")
+        model = cls.from_bases(TinyLLaVAConfig(**checkpoint["config"]), dtype, device)
+        model.load_trained_weights(checkpoint["model"], source=file)
+        return model
+
+    def load_trained_weights(self, weights, source="checkpoint"):
+        """Overlay trained tensors (W, and the LLM after stage 2) onto the model, strictly."""
+        params = dict(self.named_parameters())
+        unexpected = [name for name in weights if name not in params or name.startswith("vision.")]
+        misshaped = [f"{name}: found {tuple(t.shape)}, expected {tuple(params[name].shape)}"
+                     for name, t in weights.items() if name in params and t.shape != params[name].shape]
+        missing = [name for name in params if name.startswith("projector.") and name not in weights]
+        if unexpected or misshaped or missing:
+            raise ValueError("\n".join([f"{source}: checkpoint does not match the model"]
+                                       + [f"  unexpected tensor: {n}" for n in unexpected]
+                                       + [f"  mis-shaped tensor: {n}" for n in misshaped]
+                                       + [f"  missing tensor: {n}" for n in missing]))
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+
+    def trained_weights(self):
+        """What training changed: W always, the LLM when it trains (the vision tower comes from its base)."""
+        llm_trains = any(p.requires_grad for p in self.llm.parameters())
+        return {name: p.detach().cpu() for name, p in self.named_parameters()
+                if name.startswith("projector.") or (llm_trains and name.startswith("llm."))}
+
+    def base_fingerprints(self):
+        return {"vision": fingerprint(resolve(self.config.vision_path)),
+                "llm": fingerprint(resolve(self.config.llm_path))}
+
+    def save(self, path, **extra):
+        """Our checkpoint, loadable with torch.load(weights_only=True): config, the bases' identity, trained weights,
+        and whatever else the caller adds (optimizer state, step...). Written atomically."""
+        state = dict(config=asdict(self.config), bases=self.base_fingerprints(), model=self.trained_weights(), **extra)
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def hf_key_map(self, vision_prefix="vision_tower.vision_model.", projector_prefix="multi_modal_projector.",
+                   llm_prefix="language_model.model.", lm_head="language_model.lm_head.weight"):
+        """Our parameter names -> LlavaForConditionalGeneration names (the published llava-hf layout by default)."""
+        key_map = vision_key_map(self.vision.config, "vision.", vision_prefix)
+        key_map.update({f"projector.{n}": projector_prefix + n for n, _ in self.projector.named_parameters()})
+        key_map.update({f"llm.{k}": v for k, v in llama_key_map(self.llm.config, llm_prefix, lm_head).items()})
+        return key_map
+
+    @classmethod
+    def from_hf(cls, path, dtype=torch.float32, device="cpu"):
+        """Import a transformers LlavaForConditionalGeneration directory: the published llava-hf layout
+        (vision_tower.vision_model.*, language_model.model.*) or transformers 5's (vision_tower.*,
+        model.vision_tower.*, model.language_model.*, lm_head.weight)."""
+        hf = read_config(path)
+        source = os.path.join(path, "config.json")
+        if hf.get("model_type") != "llava":
+            raise ValueError(f"{source}: model_type is {hf.get('model_type')!r}, expected 'llava' "
+                             "(a LlavaForConditionalGeneration) or one of our ckpt.pt files")
+        layer = hf.get("vision_feature_layer", -2)
+        strategy = hf.get("vision_feature_select_strategy", "default")
+        if not isinstance(layer, int) or strategy not in ("default", "full"):
+            raise ValueError(f"{source}: vision_feature_layer {layer!r} / select strategy {strategy!r} not supported")
+        if hf.get("projector_hidden_act", "gelu") != "gelu":
+            raise ValueError(f"{source}: projector_hidden_act {hf['projector_hidden_act']!r} not supported (gelu)")
+        config = TinyLLaVAConfig(vision_path=path, llm_path=path, projector="mlp2x_gelu", vision_feature_layer=layer,
+                                 keep_class_token=strategy == "full",
+                                 image_token_index=hf.get("image_token_index", hf.get("image_token_id")))
+        vision = empty_model(CLIPVision, vision_config_from_hf(hf, source), dtype, device)
+        llm = empty_model(Llama, LlamaConfig.from_hf(hf["text_config"], source), dtype, device)
+        llm.tie_weights()
+        with torch.device("meta"):
+            model = cls(config, vision, llm, projector_bias=hf.get("multimodal_projector_bias", True))
+        model.projector.to(dtype).to_empty(device=device)
+
+        keys = checkpoint_keys(path)
+        if any(k.startswith("vision_tower.vision_model.") for k in keys):
+            vision_prefix = "vision_tower.vision_model."
+        else:
+            vision_prefix = "model.vision_tower." if any(k.startswith("model.vision_tower.") for k in keys) \
+                else "vision_tower."
+        new_layout = any(k.startswith("model.language_model.") for k in keys)
+        key_map = model.hf_key_map(
+            vision_prefix, "model.multi_modal_projector." if new_layout else "multi_modal_projector.",
+            "model.language_model." if new_layout else "language_model.model.",
+            "lm_head.weight" if new_layout else "language_model.lm_head.weight")
+        ignored = ("position_ids", "rotary_emb.inv_freq") + (("lm_head.weight",) if llm.config.tie_word_embeddings
+                                                              else ())
+        load_hf_weights(model, path, key_map, ignored_suffixes=ignored)
+        return model
+
+    def save_hf(self, path, tokenizer_path=None):
+        """
+        Export as a LlavaForConditionalGeneration directory (the published llava-hf layout), with tokenizer.json.
+        transformers' LLaVA needs an in-vocabulary id for image positions: if the model has none yet, one row
+        ('<image>') is appended to the embeddings and the output head, initialized to their means as llava-hf did.
+        """
+        if self.config.projector != "mlp2x_gelu":
+            raise ValueError(f"HF LLaVA has only the mlp2x_gelu projector; this model uses {self.config.projector!r}")
+        os.makedirs(path, exist_ok=True)
+        tensors = hf_state_dict(self, self.hf_key_map())
+        text_config = self.llm.config.to_hf()
+        image_token_index = self.config.image_token_index
+        if image_token_index is None:
+            image_token_index = text_config["vocab_size"]
+            text_config["vocab_size"] += 1
+            for name in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+                if name in tensors:
+                    tensors[name] = torch.cat([tensors[name], tensors[name].mean(0, keepdim=True)])
+        save_hf_weights(tensors, path)
+        dtype = str(self.llm.embed_tokens.weight.dtype).removeprefix("torch.")
+        vision_config = dict(asdict(self.vision.config), model_type="clip_vision_model")
+        write_json(dict(model_type="llava", architectures=["LlavaForConditionalGeneration"], dtype=dtype,
+                        vision_config=vision_config, text_config=text_config, image_token_index=image_token_index,
+                        image_seq_length=self.num_image_tokens, projector_hidden_act="gelu",
+                        multimodal_projector_bias=self.projector.linear_1.bias is not None,
+                        vision_feature_layer=self.config.vision_feature_layer,
+                        vision_feature_select_strategy="full" if self.config.keep_class_token else "default",
+                        tie_word_embeddings=self.llm.config.tie_word_embeddings), os.path.join(path, "config.json"))
+        tokenizer_file = os.path.join(tokenizer_path or resolve(self.config.llm_path), "tokenizer.json")
+        if os.path.isfile(tokenizer_file):
+            with open(tokenizer_file) as f:
+                tokenizer = json.load(f)
+            if self.config.image_token_index is None:  # name the new id, so HF processors find '<image>'
+                tokenizer.setdefault("added_tokens", []).append(dict(
+                    id=image_token_index, content="<image>", single_word=False, lstrip=False, rstrip=False,
+                    normalized=False, special=True))
+            write_json(tokenizer, os.path.join(path, "tokenizer.json"))
+
+
+def resolve(path):
+    """A base checkpoint path as given, or else relative to this repository (so the shipped bases are found from
+    any working directory)."""
+    if os.path.exists(path) or os.path.isabs(path):
+        return path
+    in_repo = os.path.join(REPO_DIR, path)
+    return in_repo if os.path.exists(in_repo) else path
+
+
+def fingerprint(path):
+    """A short identity of a checkpoint directory: its config and the first megabyte of its weights, hashed.
+    Two different fine-tunes of one architecture differ in the weights, so they get different fingerprints."""
+    digest = hashlib.sha256()
+    with open(os.path.join(path, "config.json"), "rb") as f:
+        digest.update(f.read())
+    with open(safetensors_files(path)[0], "rb") as f:
+        digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]
