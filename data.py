@@ -21,6 +21,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from tokenizers import Tokenizer
 
 from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
@@ -79,6 +80,14 @@ def _template(name):
     if name not in TEMPLATES:
         raise ValueError(f"unknown template {name!r}; known: {', '.join(TEMPLATES)}")
     return TEMPLATES[name]
+
+
+def load_tokenizer(checkpoint_dir):
+    """The tokenizers.Tokenizer stored as tokenizer.json in a checkpoint directory (a LLaMA or LLaVA one)."""
+    path = os.path.join(checkpoint_dir, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{checkpoint_dir}: no tokenizer.json here (only the fast-tokenizer file is read)")
+    return Tokenizer.from_file(path)
 
 
 @lru_cache(maxsize=8)
