@@ -181,7 +181,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = rearrange(q, "b t (h d) -> b h t d", d=self.head_dim)  # (B, n_head, T, head_dim)
         k = rearrange(k, "b t (h d) -> b h t d", d=self.head_dim)  # (B, n_kv_head, T, head_dim)
-        v = rearrange(v, "b t (h d) -> b h t d", d=self.head_dim)  # (B, n_kv_head, T, head_dim)
+        # v gets its own storage: attention keeps it for the backward pass, and a view would keep all of qkv alive
+        v = rearrange(v, "b t (h d) -> b h t d", d=self.head_dim).contiguous()  # (B, n_kv_head, T, head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # (B, n_kv_head, T_past + T, head_dim)

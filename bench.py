@@ -1,0 +1,155 @@
+"""
+Benchmarks: ours against transformers, measured side by side in one run. This machine is shared and noisy, so
+each figure is a ratio of medians over interleaved rounds (ours, theirs, ours, theirs, ...), never a bare time.
+
+    python bench.py models    # LLaMA and CLIP vision tower: forward+backward time and peak memory, ours / transformers
+    python bench.py llava     # TinyLLaVA vs LlavaForConditionalGeneration: stage-2 train step; greedy tokens/s
+
+Peak memory on the CPU is the rise of the process's peak resident memory during one step (Linux VmHWM, reset just
+before it); the script re-runs itself with glibc returning large blocks to the system, so freed memory shows.
+"""
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # every tensor of >= 64 KiB is its own mapping, freed for real
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    os.execv(sys.executable, [sys.executable] + sys.argv)
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from clip import CLIPVision  # noqa: E402
+from llama import Llama  # noqa: E402
+from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TinyLLaVA  # noqa: E402
+
+ROUNDS = 5
+LLAMA = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+             num_key_value_heads=4, max_position_embeddings=2048)  # TinyLlama / Llama proportions, 4 layers
+VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=16, image_size=224,
+              patch_size=14)  # CLIP ViT-L/14 proportions, 4 layers
+
+
+def memory(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(field + r":\s+(\d+)", f.read()).group(1)) * 1024
+
+
+def measure(step):
+    """Seconds and peak extra bytes of one call of `step`."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident memory to the current one
+    before = memory("VmRSS")
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start, memory("VmHWM") - before
+
+
+def compare(name, ours, theirs, unit="step"):
+    """Run both steps interleaved ROUNDS times after a warm-up; print medians and ratios."""
+    ours(), theirs()
+    results = {"ours": [], "transformers": []}
+    for _ in range(ROUNDS):
+        for label, step in (("ours", ours), ("transformers", theirs)):
+            results[label].append(measure(step))
+    time_ours, time_theirs = (statistics.median(t for t, _ in results[k]) for k in ("ours", "transformers"))
+    mem_ours, mem_theirs = (statistics.median(m for _, m in results[k]) for k in ("ours", "transformers"))
+    print(f"{name}: {unit} time ours {time_ours * 1e3:.1f} ms, transformers {time_theirs * 1e3:.1f} ms, "
+          f"ratio {time_ours / time_theirs:.3f} | peak memory ours {mem_ours / 2**20:.1f} MiB, "
+          f"transformers {mem_theirs / 2**20:.1f} MiB, ratio {mem_ours / max(mem_theirs, 1):.3f}")
+    return time_ours / time_theirs, mem_ours / max(mem_theirs, 1)
+
+
+def forward_backward(model, loss_of):
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        loss_of(model).backward()
+    return step
+
+
+def bench_models(directory):
+    torch.manual_seed(0)
+    hf_llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA, attn_implementation="sdpa"))
+    hf_llama.save_pretrained(os.path.join(directory, "llama"))
+    our_llama = Llama.from_pretrained(os.path.join(directory, "llama"))
+    input_ids = torch.randint(0, LLAMA["vocab_size"], (2, 512))
+    print(f"LLaMA: hidden {LLAMA['hidden_size']}, {LLAMA['num_hidden_layers']} layers, GQA "
+          f"{LLAMA['num_attention_heads']}/{LLAMA['num_key_value_heads']}, vocab {LLAMA['vocab_size']}; "
+          f"batch {tuple(input_ids.shape)}, fp32, {torch.get_num_threads()} threads")
+    compare("LLaMA forward+backward",
+            forward_backward(our_llama, lambda m: m(input_ids).float().logsumexp(-1).mean()),
+            forward_backward(hf_llama, lambda m: m(input_ids).logits.float().logsumexp(-1).mean()))
+    del hf_llama, our_llama
+
+    hf_vision = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION, attn_implementation="sdpa"))
+    hf_vision.save_pretrained(os.path.join(directory, "vision"))
+    our_vision = CLIPVision.from_pretrained(os.path.join(directory, "vision"))
+    pixels = torch.randn(4, 3, VISION["image_size"], VISION["image_size"])
+    print(f"CLIP vision: hidden {VISION['hidden_size']}, {VISION['num_hidden_layers']} layers, "
+          f"{VISION['image_size']} px / {VISION['patch_size']} px patches; batch {pixels.shape[0]}")
+    compare("CLIP vision forward+backward (penultimate layer)",
+            forward_backward(our_vision, lambda m: m(pixels, layer=-2).square().mean()),
+            forward_backward(hf_vision, lambda m: m(pixels, output_hidden_states=True).hidden_states[-2]
+                             .square().mean()))
+
+
+def bench_llava(directory):
+    torch.manual_seed(0)
+    image_token = LLAMA["vocab_size"] - 1
+    config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**VISION),
+                                      text_config=transformers.LlamaConfig(**LLAMA), image_token_index=image_token,
+                                      image_seq_length=(VISION["image_size"] // VISION["patch_size"]) ** 2)
+    hf = transformers.LlavaForConditionalGeneration(config)
+    hf.save_pretrained(os.path.join(directory, "llava"))
+    ours = TinyLLaVA.from_pretrained(os.path.join(directory, "llava"))
+    num_image_tokens = ours.num_image_tokens
+    batch, text_length = 2, 256
+    text = torch.randint(3, image_token, (batch, text_length))
+    our_ids = torch.cat([text[:, :8], torch.full((batch, 1), IMAGE_TOKEN_INDEX), text[:, 8:]], dim=1)
+    hf_ids = torch.cat([text[:, :8], torch.full((batch, num_image_tokens), image_token), text[:, 8:]], dim=1)
+    our_labels = our_ids.masked_fill(torch.arange(our_ids.shape[1]) < 100, IGNORE_INDEX)  # answers at the end
+    hf_labels = hf_ids.masked_fill(torch.arange(hf_ids.shape[1]) < 100 + num_image_tokens - 1, IGNORE_INDEX)
+    pixels = torch.randn(batch, 3, VISION["image_size"], VISION["image_size"])
+    print(f"LLaVA: vision as above, LLM as above; batch {batch}, {num_image_tokens} image + {text_length} text "
+          f"tokens; stage 2 (vision frozen, W and LLM train, AdamW)")
+
+    def train_step(model, loss_of):
+        model.train()
+        model.vision.requires_grad_(False) if model is ours else model.model.vision_tower.requires_grad_(False)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss_of(model).backward()
+            optimizer.step()
+        return step
+
+    compare("stage-2 train step (forward+backward+AdamW)",
+            train_step(ours, lambda m: m(our_ids, pixels, our_labels)[1]),
+            train_step(hf, lambda m: m(input_ids=hf_ids, pixel_values=pixels, labels=hf_labels).loss))
+
+    ours.eval(), hf.eval()
+    hf.generation_config.eos_token_id = None
+    new_tokens = 64
+    prompt_ours, prompt_hf = our_ids[:1, :40].tolist(), hf_ids[:1, :40 + num_image_tokens - 1]
+    ratio, _ = compare(
+        f"greedy generation of {new_tokens} tokens after a {40 + num_image_tokens - 1}-token prompt",
+        lambda: ours.generate(prompt_ours, pixels[:1], max_new_tokens=new_tokens),
+        lambda: hf.generate(input_ids=prompt_hf, pixel_values=pixels[:1], max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, do_sample=False), unit="call")
+    print(f"generation speed (tokens/s), ours over transformers: {1 / ratio:.2f}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(int(os.environ.get("THREADS", 2)))
+    transformers.logging.set_verbosity_error()
+    which = sys.argv[1] if len(sys.argv) > 1 else ""
+    benches = {"models": bench_models, "llava": bench_llava}
+    if which not in benches:
+        sys.exit(f"usage: python bench.py {{{','.join(benches)}}}")
+    with tempfile.TemporaryDirectory() as directory, torch.inference_mode(False):
+        benches[which](directory)
