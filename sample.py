@@ -1,0 +1,399 @@
+"""
+Ask a trained tinyllava model about images: one answer streamed as it is generated, a batch of images, a chat, or
+the held-out exact-match eval on the shapes world.
+
+    python sample.py --image photo.png                                        # the default question: describe it
+    python sample.py --image photo.png --prompt "What color is the circle?"   # one question, streamed to stdout
+    python sample.py --image a.png b.png --prompt "How many shapes are there?"  # one batch, an answer per file
+    python sample.py --image photo.png --chat                                 # multi-turn; an empty line or Ctrl-D ends
+    python sample.py --ckpt out/stage1/ckpt.pt --image photo.png              # a stage-1 model captions the image
+    python sample.py --hf llava-1.5-7b-hf --image photo.jpg --device cuda     # published LLaVA weights (HF layout)
+    python sample.py --eval                                                   # held-out accuracy on the world
+    python sample.py --eval --ckpt out/stage1/ckpt.pt --limit 70              # 70 questions, spread over the types
+
+The model: --ckpt (one of ours: a ckpt.pt or its directory), --hf (a LlavaForConditionalGeneration directory), or by
+default out/stage2/ckpt.pt, else out/stage1/ckpt.pt (train.py's default out_dirs, relative to where you run this).
+Images are preprocessed as in training (the vision tower's size, mean and std; the checkpoint's crop or pad) and the
+prompt is the model's template with the image first. Answers go to stdout; everything else goes to stderr.
+"""
+import argparse
+import json
+import os
+import pickle
+import sys
+import time
+import zipfile
+from collections import Counter
+
+import torch
+
+from data import (IMAGE_TAG, ImageError, encode_conversation, encode_prompt, image_settings, load_image,
+                  load_tokenizer, process_image, stop_token_ids)
+from llama import KVCache
+from tinyllava import TinyLLaVA, resolve
+from world import ensure_world, exact_match
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Defaults (each has a flag below)
+out_dir = "out"  # train.py writes out/stage1/ckpt.pt and out/stage2/ckpt.pt
+question = "Describe the image concisely."  # paper Table 8's first brief-description instruction
+max_new_tokens = 256
+temperature = 0.0  # 0: greedy, reproducible. LLaVA chats at 0.2 (--temperature 0.2) and benchmarks greedily
+top_k = 0  # 0: no top-k cut
+top_p = 1.0  # 1.0: no nucleus cut
+seed = 1337
+batch_size = 32  # images per generate call (several --image files, --eval)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class SampleError(Exception):
+    """Bad input: main prints its one-line message on stderr and exits with status 1."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Ask a tinyllava model about images (see the docstring for examples).")
+    parser.add_argument("--image", nargs="+", action="extend", default=[], metavar="FILE",
+                        help="image file(s); several are answered as one batch, each answer labelled by its file")
+    parser.add_argument("--prompt", default=None,
+                        help=f"the question (default: {question!r}; with --chat, the first question); a stage-1 "
+                             "model ignores it and captions")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--chat", action="store_true", help="multi-turn conversation about one image, from stdin")
+    mode.add_argument("--eval", action="store_true",
+                      help="held-out exact match on the world's eval.json; the last line is 'accuracy: <fraction>'")
+    parser.add_argument("--world", default=None, metavar="DIR",
+                        help="--eval: a world directory holding eval.json (default: the default shapes world, "
+                             "generated on first use)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="--eval: only N questions, taken evenly across the question types")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--ckpt", default=None, metavar="PATH",
+                        help=f"one of our checkpoints, ckpt.pt or its directory (default: {out_dir}/stage2/ckpt.pt, "
+                             f"else {out_dir}/stage1/ckpt.pt)")
+    source.add_argument("--hf", default=None, metavar="DIR",
+                        help="an HF LLaVA directory (LlavaForConditionalGeneration with tokenizer.json, e.g. "
+                             "llava-1.5-7b-hf), prompted with vicuna_v1 and, unless --aspect says otherwise, images "
+                             "padded to a square as LLaVA-1.5 was trained")
+    parser.add_argument("--aspect", choices=("crop", "pad"), default=None,
+                        help="non-square images: centre crop or pad to a square (default: what the checkpoint was "
+                             "trained with; 'pad' for --hf)")
+    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens,
+                        help=f"most tokens per answer (default {max_new_tokens}; fewer where the context ends)")
+    parser.add_argument("--temperature", type=float, default=temperature,
+                        help="0 = greedy (default, reproducible); LLaVA's chat demo uses 0.2")
+    parser.add_argument("--top_k", type=int, default=top_k, help="sample among the k most likely tokens (0: all)")
+    parser.add_argument("--top_p", type=float, default=top_p, help="nucleus sampling threshold (1.0: off)")
+    parser.add_argument("--seed", type=int, default=seed, help="of the sampling generator")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--batch_size", type=int, default=batch_size,
+                        help=f"images per generate call (default {batch_size})")
+    args = parser.parse_args(argv)
+    if args.eval and (args.image or args.prompt is not None):
+        parser.error("--eval asks the world's questions about its images: drop --image and --prompt")
+    if args.eval and (args.temperature != 0 or args.top_k or args.top_p != 1.0):
+        parser.error("--eval decodes greedily: drop --temperature, --top_k and --top_p")
+    if not args.eval and not args.image:
+        parser.error("give an --image FILE (or --eval)")
+    if args.chat and len(args.image) > 1:
+        parser.error("--chat talks about one image; give a single --image")
+    if (args.world or args.limit is not None) and not args.eval:
+        parser.error("--world and --limit go with --eval")
+    for flag, value, ok in (("--max_new_tokens", args.max_new_tokens, args.max_new_tokens >= 1),
+                            ("--temperature", args.temperature, args.temperature >= 0),
+                            ("--top_k", args.top_k, args.top_k >= 0),
+                            ("--top_p", args.top_p, 0 < args.top_p <= 1),
+                            ("--batch_size", args.batch_size, args.batch_size >= 1),
+                            ("--limit", args.limit, args.limit is None or args.limit >= 1)):
+        if not ok:
+            parser.error(f"{flag} {value} is out of range")
+    return args
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model, the tokenizer and the pixels
+
+
+def pick_device(device, dtype):
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SampleError("--device cuda: CUDA is not available on this machine")
+    return device, getattr(torch, dtype or ("bfloat16" if device == "cuda" else "float32"))
+
+
+def checkpoint_path(args):
+    """The model to load: --hf, --ckpt, or the newest stage's checkpoint under out_dir."""
+    if args.hf:
+        if not os.path.isfile(os.path.join(args.hf, "config.json")):
+            raise SampleError(f"--hf {args.hf}: " + ("no config.json here, not an HF LLaVA directory"
+                                                     if os.path.exists(args.hf) else "no such directory"))
+        return args.hf
+    if args.ckpt:
+        if not os.path.exists(args.ckpt):
+            raise SampleError(f"--ckpt {args.ckpt}: no such file or directory")
+        return args.ckpt
+    for stage in ("stage2", "stage1"):
+        path = os.path.join(out_dir, stage, "ckpt.pt")
+        if os.path.isfile(path):
+            return path
+    raise SampleError(f"no checkpoint: neither {out_dir}/stage2/ckpt.pt nor {out_dir}/stage1/ckpt.pt exists; train "
+                      "one (python train.py --stage 1) or pass --ckpt PATH or --hf DIR")
+
+
+def load_model(path, device, dtype):
+    """(model, tokenizer, is_hf) from one of our checkpoints or an HF LLaVA directory, with a one-line error for
+    anything else."""
+    is_hf = os.path.isfile(os.path.join(path, "config.json"))
+    if not is_hf:
+        file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise SampleError(f"{path}: no ckpt.pt and no config.json here: neither one of our checkpoints nor an HF "
+                              "LLaVA directory")
+        if not zipfile.is_zipfile(file):  # torch.save writes a zip archive
+            raise SampleError(f"{file}: unknown checkpoint format: not a tinyllava ckpt.pt (torch.save) nor an HF "
+                              "LLaVA directory")
+    print(f"loading {path} on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
+    try:
+        model = TinyLLaVA.from_pretrained(path, dtype=dtype, device=device).eval()
+        tokenizer = load_tokenizer(resolve(model.config.llm_path))  # an HF LLaVA directory holds its own
+    except (FileNotFoundError, ValueError, pickle.UnpicklingError) as error:
+        raise SampleError(f"cannot load {path}: {error}") from None
+    return model, tokenizer, is_hf
+
+
+def to_pixels(model, images, aspect):
+    """PIL images -> (N, 3, S, S), preprocessed exactly as training does for this vision tower."""
+    settings = image_settings(resolve(model.config.vision_path))
+    return torch.stack([process_image(image, settings["size"], aspect, settings["mean"], settings["std"])
+                        for image in images])
+
+
+def question_ids(text, tokenizer, template):
+    """Prompt ids for one question, the image first. A <image> tag the user typed is dropped: the image goes first."""
+    conversation = [{"from": "human", "value": IMAGE_TAG + "\n" + text.replace(IMAGE_TAG, "").strip()}]
+    return encode_prompt(conversation, tokenizer, template, image_first=True)
+
+
+def answer_budget(model, past, new_positions, max_new, culprit):
+    """How many tokens the answer may have so that past + new positions + the answer fit the model's context;
+    a prompt that does not fit is an error naming the culprit."""
+    context = model.llm.config.max_position_embeddings
+    if past + new_positions > context:
+        raise SampleError(f"{culprit}: {past + new_positions} positions (the image counts {model.num_image_tokens}) "
+                          f"do not fit the model's context of {context} (max_position_embeddings)")
+    # every answer token but the last is fed back, so context - used + 1 of them fit
+    return min(max_new, context - past - new_positions + 1)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Answers
+
+
+def decode_answer(ids, tokenizer, stops):
+    """The answer's text: its ids up to the first stop token (rows that stopped repeat it), decoded, trimmed."""
+    ids = list(ids)
+    end = next((k for k, token in enumerate(ids) if token in stops), len(ids))
+    return tokenizer.decode(ids[:end], skip_special_tokens=True).strip()
+
+
+def stream_answer(tokens, tokenizer, stops, out):
+    """Print an answer as its tokens arrive and return its ids (with the stop token, if one came). Each step decodes
+    all the ids so far and prints only what is new, so spaces and characters made of several tokens come out right."""
+    ids, shown = [], ""
+    for token in tokens:
+        ids.append(token)
+        text = decode_answer(ids, tokenizer, stops)
+        if text.endswith("\ufffd"):  # part of a multi-byte character: wait for the rest
+            continue
+        out.write(text[len(shown):])
+        out.flush()
+        shown = text
+    out.write(decode_answer(ids, tokenizer, stops)[len(shown):] + "\n")
+    out.flush()
+    return ids
+
+
+def answer_images(model, tokenizer, images, names, text, aspect, args, sampling, out=None):
+    """One question about each image. A single image streams its answer; several are generated in batches (left
+    padding is generate_stream's business) and each answer is printed as 'file: answer' when its batch is done."""
+    out = out or sys.stdout
+    template = model.config.template
+    prompt = question_ids(text, tokenizer, template)
+    new_tokens = answer_budget(model, 0, len(prompt) - 1 + model.num_image_tokens, args.max_new_tokens, "--prompt")
+    stops = stop_token_ids(tokenizer, template)
+    for start in range(0, len(images), args.batch_size):
+        pixel_values = to_pixels(model, images[start:start + args.batch_size], aspect)
+        tokens = model.generate_stream([prompt] * len(pixel_values), pixel_values, max_new_tokens=new_tokens,
+                                       stop_token_ids=stops, **sampling)
+        if len(images) == 1:
+            stream_answer((int(token[0]) for token in tokens), tokenizer, stops, out)
+            return
+        generated = torch.stack(list(tokens), dim=1).tolist()  # (B, N)
+        for name, ids in zip(names[start:], generated):
+            print(f"{name}: {decode_answer(ids, tokenizer, stops)}", file=out, flush=True)
+
+
+def read_question(prompt):
+    """The next line of stdin (None at EOF), with a '> ' prompt when a person types it."""
+    if sys.stdin.isatty():
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return line if line else None
+
+
+def chat(model, tokenizer, pixel_values, max_new, sampling, read=read_question, out=None):
+    """
+    A conversation about one image, each turn continuing in one KV cache: only the new turn's tokens are prefilled.
+    Returns [(ids fed this turn, answer ids)] per turn.
+
+    The cache holds every position seen so far except the last answer's final token: generate_stream yields it but
+    never feeds it. A new turn feeds that token (and the end-of-turn token if the answer was cut short) followed by
+    the new question's ids, and those come from encode_prompt, which is prefix-stable: the prompt of the whole
+    conversation is the prompt through the last answer's end-of-turn token, then the new question. The answer's own
+    ids are the ones generated, which re-encoding its text need not reproduce, so the new question's ids are taken
+    as a length difference between two encodings of the same text (the conversation through the last answer, and
+    that plus the question), never by slicing the generated history.
+    """
+    out = out or sys.stdout
+    template = model.config.template
+    if template == "plain":
+        raise SampleError("--chat needs an instruction-tuned model (vicuna_v1 template, a stage-2 checkpoint); this "
+                          "one uses 'plain' (stage 1), which only captions: drop --chat")
+    weight = model.llm.embed_tokens.weight
+    cache = KVCache(model.llm.config, 1, model.llm.config.max_position_embeddings, weight.device, weight.dtype)
+    stops = stop_token_ids(tokenizer, template)
+    end_of_turn = stops[0]  # vicuna_v1 closes each answer with EOS
+    conversation, turns, unfed = [], [], []
+    while True:
+        text = read("> ")
+        if text is None or not text.strip():
+            break
+        first = not conversation
+        conversation.append({"from": "human", "value": (IMAGE_TAG + "\n" if first else "")
+                             + text.replace(IMAGE_TAG, "").strip()})
+        prompt = encode_prompt(conversation, tokenizer, template, image_first=True)
+        if first:
+            new_ids = prompt
+        else:
+            known = len(encode_conversation(conversation[:-1], tokenizer, template, image_first=True)[0])
+            new_ids = unfed + prompt[known:]  # (last answer token, [end of turn]) + "USER: {question} ASSISTANT:"
+        new_positions = (len(new_ids) - 1 + model.num_image_tokens) if first else len(new_ids)  # image counted
+        budget = answer_budget(model, cache.length, new_positions, max_new,
+                               "the conversation is too long; start a new chat")
+        tokens = model.generate_stream([new_ids], pixel_values if first else None, cache=cache,
+                                       max_new_tokens=budget, stop_token_ids=stops, **sampling)
+        answer = stream_answer((int(token[0]) for token in tokens), tokenizer, stops, out)
+        unfed = [answer[-1]] + ([] if answer[-1] in stops else [end_of_turn])
+        # the text only serves the length arithmetic above; a tag in it would read as a second image
+        conversation.append({"from": "gpt", "value": decode_answer(answer, tokenizer, stops).replace(IMAGE_TAG, "")})
+        turns.append((new_ids, answer))
+    return turns
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Held-out eval on the shapes world
+
+
+def eval_items(world_dir, limit):
+    """The eval.json items, checked; with a limit, the first questions of each type in turn (every type shows)."""
+    path = os.path.join(world_dir, "eval.json")
+    try:
+        with open(path) as f:
+            items = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise SampleError(f"{path}: cannot read the eval questions: {error}") from None
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in
+                                                 ("image", "question", "answer", "type")):
+            raise SampleError(f"{path}: item {index} is not {{id, image, question, answer, type}}: {str(item)[:80]}")
+    if limit is not None:
+        rank, seen = [], Counter()
+        for item in items:
+            rank.append(seen[item["type"]])
+            seen[item["type"]] += 1
+        order = sorted(range(len(items)), key=lambda k: rank[k])  # stable: the file's type order within a rank
+        items = [items[k] for k in sorted(order[:limit])]
+    return items
+
+
+def evaluate(model, tokenizer, items, images, aspect, batch, max_new, out=None):
+    """Greedy answers to every question, image first, in batches; exact match per question type and overall."""
+    out = out or sys.stdout
+    template = model.config.template
+    stops = stop_token_ids(tokenizer, template)
+    prompts = [question_ids(item["question"], tokenizer, template) for item in items]
+    longest = max(len(prompt) for prompt in prompts)
+    max_new = answer_budget(model, 0, longest - 1 + model.num_image_tokens, max_new, "an eval question")
+    correct, total = Counter(), Counter()
+    started = time.time()
+    for start in range(0, len(items), batch):
+        pixel_values = to_pixels(model, images[start:start + batch], aspect)
+        generated = model.generate(prompts[start:start + batch], pixel_values, max_new_tokens=max_new,
+                                   stop_token_ids=stops).tolist()  # (B, N), greedy
+        for item, ids in zip(items[start:start + batch], generated):
+            total[item["type"]] += 1
+            correct[item["type"]] += exact_match(decode_answer(ids, tokenizer, stops), item["answer"])
+        done = min(start + batch, len(items))
+        print(f"eval: {done}/{len(items)} questions, {sum(correct.values())} right, {time.time() - started:.1f}s",
+              file=sys.stderr)
+    for kind in total:
+        print(f"{kind:<20} {correct[kind]:>5}/{total[kind]:<5} {correct[kind] / total[kind]:.4f}", file=out)
+    accuracy = sum(correct.values()) / len(items)
+    print(f"{'overall':<20} {sum(correct.values()):>5}/{len(items):<5} {accuracy:.4f}", file=out)
+    print(f"accuracy: {accuracy:.4f}", file=out)
+    return accuracy
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def run(args):
+    # every image is read before any model is loaded: a typo in a path should not cost a 7B load
+    if args.eval:
+        world_dir = args.world or ensure_world()
+        items = eval_items(world_dir, args.limit)
+        if not items:
+            raise SampleError(f"{world_dir}: eval.json holds no questions")
+        images = [load_image(os.path.join(world_dir, item["image"])) for item in items]
+    else:
+        images = [load_image(path) for path in args.image]  # ImageError names the file
+    device, dtype = pick_device(args.device, args.dtype)
+    path = checkpoint_path(args)
+    model, tokenizer, is_hf = load_model(path, device, dtype)
+    aspect = args.aspect or ("pad" if is_hf else model.config.image_aspect)
+    if args.eval:
+        print(f"eval: {len(items)} questions from {os.path.join(world_dir, 'eval.json')}", file=sys.stderr)
+        evaluate(model, tokenizer, items, images, aspect, args.batch_size, args.max_new_tokens)
+        return
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
+    if model.config.template == "plain" and args.prompt is not None and not args.chat:
+        print("note: a stage-1 model (plain template) ignores --prompt and captions the image", file=sys.stderr)
+    if args.chat:
+        print(f"chat about {args.image[0]} ({model.config.template} template): type a question; an empty line or "
+              "Ctrl-D ends", file=sys.stderr)
+        opening = [args.prompt] if args.prompt else []  # --prompt, if given, is the first question
+
+        def read(prompt):
+            return opening.pop() if opening else read_question(prompt)
+        chat(model, tokenizer, to_pixels(model, images, aspect), args.max_new_tokens, sampling, read)
+    else:
+        answer_images(model, tokenizer, images, args.image, args.prompt or question, aspect, args, sampling)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (SampleError, ImageError) as error:
+        print(f"sample.py: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

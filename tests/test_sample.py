@@ -1,0 +1,312 @@
+"""sample.py: the CLI end to end on tiny checkpoints built here (ours and an HF LLaVA made by transformers), the chat's
+KV-cache reuse, bad inputs, and the held-out eval."""
+import io
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import sample
+from data import load_image, process_image
+from helpers import TINY_LLAMA, TINY_VISION, randomize
+from tinyllava import IMAGE_TOKEN_INDEX, TinyLLaVA, TinyLLaVAConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+          "detailed, and polite answers to the user's questions.")
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0..4; '<image>' is the HF LLaVA's image token
+BOS, EOS, HF_IMAGE_TOKEN = 1, 2, 4
+CONTEXT = 200  # the tiny LLaMA's max_position_embeddings
+NUM_IMAGE_TOKENS = 4  # (16 / 8)^2 patches
+QUESTION, FOLLOW_UP = "What color is the ball?", "Where is it?"
+
+
+def byte_level_tokenizer():
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = SYSTEM + " USER: ASSISTANT: What color is the ball? The ball is red. Where is it? It is on the left."
+    tokenizer.train_from_iterator([corpus] * 3, trainer)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    assert [tokenizer.token_to_id(t) for t in SPECIALS] == list(range(len(SPECIALS)))
+    return tokenizer
+
+
+def vicuna_ids(tokenizer, turns):
+    """The vicuna_v1 prompt ids written from the facts sheet, independently of data.py: BOS, the text chunks around
+    the image each tokenized alone (LLaVA's tokenizer_image_token), the placeholder, and each answer's ids then EOS.
+    turns: [question, answer_ids, question, ...], ending with a question."""
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+    ids = [BOS] + encode(SYSTEM + " USER: ") + [IMAGE_TOKEN_INDEX] + encode("\n" + turns[0] + " ASSISTANT:")
+    for answer, question in zip(turns[1::2], turns[2::2]):
+        ids += list(answer) + [EOS] + encode(f"USER: {question} ASSISTANT:")
+    return ids
+
+
+def until_stop(ids, stops=(EOS,)):
+    ids = list(ids)
+    return next((ids[:k] for k, t in enumerate(ids) if t in stops), ids)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Our stage-2 and stage-1 ckpt.pt files on tiny bases saved by transformers, an HF LLaVA directory saved by
+    transformers, and three images (two not square)."""
+    root = tmp_path_factory.mktemp("sample")
+    tokenizer = byte_level_tokenizer()
+    llama = transformers.LlamaConfig(**dict(TINY_LLAMA, vocab_size=tokenizer.get_vocab_size(),
+                                            max_position_embeddings=CONTEXT, pad_token_id=3))
+    randomize(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY_VISION)), 0).save_pretrained(
+        root / "vision")
+    randomize(transformers.LlamaForCausalLM(llama), 1).save_pretrained(root / "llm")
+    tokenizer.save(str(root / "llm" / "tokenizer.json"))
+    model = TinyLLaVA.from_bases(TinyLLaVAConfig(vision_path=str(root / "vision"), llm_path=str(root / "llm")))
+    randomize(model.projector, 2)
+    model.save(str(root / "ckpt.pt"))
+    # a stage-1 model (plain template) whose greedy caption ends, as captions do, with a newline after a few tokens:
+    # the newline's output row becomes 1.01 times the row of a token it says, so it wins where that token would
+    plain = TinyLLaVA.from_bases(TinyLLaVAConfig(vision_path=str(root / "vision"), llm_path=str(root / "llm"),
+                                                 template="plain"))
+    plain.projector.load_state_dict(model.projector.state_dict())
+    images = write_images(root)
+    pixel_values = process_image(load_image(images[0]), 16, "crop")[None]
+    caption = plain.generate([[BOS, IMAGE_TOKEN_INDEX]], pixel_values, max_new_tokens=6)[0].tolist()
+    newline, rows = tokenizer.encode("\n").ids[0], plain.llm.lm_head.weight
+    for token in caption[1:]:
+        with torch.no_grad():
+            rows[newline] = 1.01 * rows[token]
+        ended = plain.generate([[BOS, IMAGE_TOKEN_INDEX]], pixel_values, max_new_tokens=6, stop_token_ids=[newline])
+        if ended.shape[1] > 1 and ended[0, -1] == newline:
+            break
+    plain.save(str(root / "plain.pt"))
+
+    config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**TINY_VISION), text_config=llama,
+                                      image_token_index=HF_IMAGE_TOKEN, image_seq_length=NUM_IMAGE_TOKENS)
+    # seed 4: a model whose greedy answer depends on the image (checked in the test)
+    hf_model = randomize(transformers.LlavaForConditionalGeneration(config), 4).eval()
+    hf_model.save_pretrained(root / "llava")
+    tokenizer.save(str(root / "llava" / "tokenizer.json"))
+    return SimpleNamespace(root=root, ckpt=str(root / "ckpt.pt"), plain=str(root / "plain.pt"),
+                           llava=str(root / "llava"), llm=str(root / "llm"), hf_model=hf_model, tokenizer=tokenizer,
+                           images=images)
+
+
+def write_images(root):
+    """Random-pixel PNGs, two of them not square (crop and pad differ)."""
+    rng = np.random.default_rng(0)
+    images = []
+    for k, (width, height) in enumerate([(24, 14), (13, 21), (18, 18)]):
+        images.append(str(root / f"image{k}.png"))
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(images[-1])
+    return images
+
+
+def run_cli(*args, stdin=None, cwd=REPO):
+    return subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), *args], input=stdin, cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def our_answer(tiny, model, question, image, max_new_tokens):
+    """What TinyLLaVA.generate answers (decoded) to the template's prompt about a crop-preprocessed image."""
+    pixel_values = process_image(load_image(image), 16, "crop")[None]
+    generated = model.generate([vicuna_ids(tiny.tokenizer, [question])], pixel_values, max_new_tokens=max_new_tokens,
+                               stop_token_ids=[EOS])[0]
+    return tiny.tokenizer.decode(until_stop(generated.tolist())).strip()
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One-shot answers
+
+
+def test_cli_greedy_answer_is_reproducible_and_equals_tinyllava_generate_also_batched(tiny, capsys):
+    model = TinyLLaVA.from_pretrained(tiny.ckpt).eval()
+    expected = [our_answer(tiny, model, QUESTION, image, 20) for image in tiny.images[:2]]
+    assert all(len(answer) > 3 for answer in expected)  # a real answer, not an immediate stop
+    assert expected[0] != expected[1]  # the image matters
+    args = ["--ckpt", tiny.ckpt, "--prompt", QUESTION, "--max_new_tokens", "20"]
+    result = run_cli(*args, "--image", tiny.images[0])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected[0] + "\n"
+    assert sample.main(args + ["--image", tiny.images[0]]) == 0  # again, in this process (it is faster)
+    assert capsys.readouterr().out == expected[0] + "\n"
+    assert sample.main(args + ["--image", *tiny.images[:2]]) == 0  # one batch, rows of different image sizes
+    assert capsys.readouterr().out == "".join(f"{image}: {answer}\n" for image, answer in zip(tiny.images, expected))
+
+
+def test_hf_llava_directory_gives_transformers_greedy_text_with_padded_images(tiny):
+    prompt = vicuna_ids(tiny.tokenizer, [QUESTION])
+    expanded = []
+    for token in prompt:  # transformers wants num_image_tokens copies of its image token in place of the placeholder
+        expanded += [HF_IMAGE_TOKEN] * NUM_IMAGE_TOKENS if token == IMAGE_TOKEN_INDEX else [token]
+
+    def transformers_answer(aspect):
+        pixel_values = process_image(load_image(tiny.images[0]), 16, aspect)[None]
+        with torch.no_grad():
+            generated = tiny.hf_model.generate(input_ids=torch.tensor([expanded]), pixel_values=pixel_values,
+                                               max_new_tokens=16, do_sample=False, eos_token_id=EOS, pad_token_id=3)
+        return tiny.tokenizer.decode(until_stop(generated[0, len(expanded):].tolist())).strip()
+
+    expected = transformers_answer("pad")  # LLaVA-1.5 pads to a square
+    assert expected != transformers_answer("crop")  # so this test sees which preprocessing the CLI used
+    result = run_cli("--hf", tiny.llava, "--image", tiny.images[0], "--prompt", QUESTION, "--max_new_tokens", "16")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+def test_stage_1_checkpoint_captions_the_image_whatever_the_prompt_and_stops_at_the_newline(tiny, capsys):
+    model = TinyLLaVA.from_pretrained(tiny.plain).eval()
+    newline = tiny.tokenizer.encode("\n").ids[0]
+    pixel_values = process_image(load_image(tiny.images[0]), 16, "crop")[None]
+    # plain: <image> then the caption, its end the newline; the instruction is dropped
+    generated = model.generate([[BOS, IMAGE_TOKEN_INDEX]], pixel_values, max_new_tokens=30,
+                               stop_token_ids=[newline, EOS])[0].tolist()
+    assert generated[-1] == newline and len(generated) > 1
+    assert sample.main(["--ckpt", tiny.plain, "--image", tiny.images[0], "--prompt", QUESTION]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == tiny.tokenizer.decode(generated[:-1]).strip() + "\n"
+    assert "ignores --prompt" in printed.err
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Chat
+
+
+def test_chat_second_turn_prefills_only_new_tokens_and_answers_as_the_whole_conversation_does(tiny, monkeypatch):
+    model = TinyLLaVA.from_pretrained(tiny.ckpt).eval()
+    pixel_values = process_image(load_image(tiny.images[0]), 16, "crop")[None]
+    calls = []  # (positions fed, positions already cached) of every cached LLaMA forward
+    forward = model.llm.forward
+
+    def counting_forward(*args, **kwargs):
+        if kwargs.get("cache") is not None:  # the chat's calls, not the uncached reference below
+            calls.append((kwargs["inputs_embeds"].shape[1], kwargs["cache"].length))
+        return forward(*args, **kwargs)
+    monkeypatch.setattr(model.llm, "forward", counting_forward)
+    questions = iter([QUESTION, FOLLOW_UP, ""])
+    printed = io.StringIO()
+    turns = sample.chat(model, tiny.tokenizer, pixel_values, 12, dict(temperature=0.0),
+                        read=lambda _: next(questions), out=printed)
+    (fed_1, answer_1), (fed_2, answer_2) = turns
+    assert fed_1 == vicuna_ids(tiny.tokenizer, [QUESTION])
+    # turn 2 feeds the answer's last token (the stop token, never fed by generate) or, when the answer was cut at
+    # max_new_tokens, that token and the end of turn; then "USER: {question} ASSISTANT:" and nothing else
+    closing = [answer_1[-1]] if answer_1[-1] == EOS else [answer_1[-1], EOS]
+    assert fed_2 == closing + tiny.tokenizer.encode(f"USER: {FOLLOW_UP} ASSISTANT:").ids
+    turn_1_calls = len(answer_1)  # a prefill, then one call per answer token but the last
+    assert calls[0] == (len(fed_1) - 1 + NUM_IMAGE_TOKENS, 0)
+    cached = len(fed_1) - 1 + NUM_IMAGE_TOKENS + len(answer_1) - 1
+    assert calls[turn_1_calls] == (len(fed_2), cached)  # the second prefill: only the new tokens, after the cache
+    assert all(fed == 1 for fed, _ in calls[turn_1_calls + 1:])
+    # the same conversation from scratch, without any cache
+    whole = vicuna_ids(tiny.tokenizer, [QUESTION, until_stop(answer_1), FOLLOW_UP])
+    assert whole == fed_1 + answer_1[:-1] + fed_2
+    expected = model.generate([whole], pixel_values, max_new_tokens=12, stop_token_ids=[EOS], use_cache=False)[0]
+    assert answer_2 == expected.tolist()
+    decoded = [tiny.tokenizer.decode(until_stop(answer)).strip() for answer in (answer_1, answer_2)]
+    assert printed.getvalue() == decoded[0] + "\n" + decoded[1] + "\n"
+    # and the CLI, reading the questions from stdin, says the same
+    result = run_cli("--ckpt", tiny.ckpt, "--image", tiny.images[0], "--chat", "--max_new_tokens", "12",
+                     stdin=f"{QUESTION}\n{FOLLOW_UP}\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == printed.getvalue()
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr naming the culprit, a non-zero exit, no traceback
+
+
+def long_prompt(tiny, positions):
+    """A question whose prompt takes exactly `positions` positions, the image's NUM_IMAGE_TOKENS included."""
+    for n in range(1, 2 * CONTEXT):  # 'x' never merged in the tokenizer's corpus: one token each
+        length = len(vicuna_ids(tiny.tokenizer, ["x" * n])) - 1 + NUM_IMAGE_TOKENS
+        if length == positions:
+            return "x" * n
+    raise AssertionError(f"no prompt of {positions} positions")
+
+
+def bad_inputs(tiny, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "notes.pt").write_text("hello")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    image = tiny.images[0]
+    return {  # name: (arguments, what the message must say)
+        "missing image, checked before the (missing) model": (
+            ["--image", str(tmp_path / "nope.png"), "--ckpt", str(tmp_path / "missing.pt")], "nope.png"),
+        "unreadable image": (["--image", str(tmp_path / "broken.png"), "--ckpt", tiny.ckpt], "broken.png"),
+        "missing checkpoint": (["--image", image, "--ckpt", str(tmp_path / "missing.pt")], "missing.pt"),
+        "unknown checkpoint format": (["--image", image, "--ckpt", str(tmp_path / "notes.pt")],
+                                      "unknown checkpoint format"),
+        "torch file that is not ours": (["--image", image, "--ckpt", str(tmp_path / "other.pt")],
+                                        "not a tinyllava checkpoint"),
+        "--hf on a LLaMA directory": (["--image", image, "--hf", tiny.llm], "model_type is 'llama'"),
+        "no checkpoint under out/": (["--image", image], "no checkpoint"),
+        "prompt over the context by its image tokens": (
+            ["--image", image, "--ckpt", tiny.ckpt, "--prompt", long_prompt(tiny, CONTEXT + 1)], "--prompt"),
+        "chat question over the context by its image tokens": (  # --prompt is the chat's first question
+            ["--image", image, "--ckpt", tiny.ckpt, "--chat", "--prompt", long_prompt(tiny, CONTEXT + 1)],
+            "conversation is too long"),
+        "--chat with a stage-1 model": (["--image", image, "--ckpt", tiny.plain, "--chat"], "drop --chat"),
+    }
+
+
+def test_each_bad_input_gives_one_error_line_naming_it_and_a_nonzero_exit(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no out/ here, for the default checkpoint
+    for name, (args, culprit) in bad_inputs(tiny, tmp_path).items():
+        assert sample.main(args) == 1, name
+        errors = capsys.readouterr().err.splitlines()
+        assert errors[-1].startswith("sample.py: error: ") and culprit in errors[-1], (name, errors)
+        assert sum("error" in line for line in errors) == 1 and not any("Traceback" in e for e in errors), name
+        if "before" in name:
+            assert errors == [errors[-1]] and "missing.pt" not in errors[-1]  # no model was even looked for
+    # the prompt that exactly fills the context, image tokens included, is fine, and leaves room for one token
+    fills = long_prompt(tiny, CONTEXT)
+    assert sample.main(["--image", tiny.images[0], "--ckpt", tiny.ckpt, "--prompt", fills,
+                        "--max_new_tokens", "5"]) == 0
+    model = TinyLLaVA.from_pretrained(tiny.ckpt).eval()
+    assert capsys.readouterr().out == our_answer(tiny, model, fills, tiny.images[0], 1) + "\n"
+    assert our_answer(tiny, model, fills, tiny.images[0], 1) != our_answer(tiny, model, fills, tiny.images[0], 5)
+
+
+@pytest.mark.parametrize("name", ["missing image, checked before the (missing) model",
+                                  "prompt over the context by its image tokens"])
+def test_bad_input_from_the_command_line_exits_nonzero_without_traceback(tiny, tmp_path, name):
+    args, culprit = bad_inputs(tiny, tmp_path)[name]
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("sample.py: error: ") and culprit in result.stderr
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Held-out eval
+
+
+def test_eval_reports_each_type_and_ends_with_the_accuracy_line(tiny, tmp_path):
+    model = TinyLLaVA.from_pretrained(tiny.ckpt).eval()
+    (tmp_path / "images").mkdir()
+    items = []
+    # file order: three color questions, then two count questions; right means the answer is the model's own
+    for k, (kind, right) in enumerate([("color", True), ("color", False), ("color", True), ("count", True),
+                                       ("count", False)]):
+        image = f"images/{k}.png"
+        Image.open(tiny.images[k % 3]).save(tmp_path / image)
+        question = f"What {kind} is it?"
+        answer = our_answer(tiny, model, question, tiny.images[k % 3], 8) if right else "a wrong answer"
+        assert answer
+        items.append({"id": f"eval-{k}", "image": image, "question": question, "answer": answer, "type": kind})
+    (tmp_path / "eval.json").write_text(json.dumps(items))
+    # --limit 4 takes questions evenly across types (color 0, count 0, color 1, count 1): 2 of 4 right. The first
+    # four of the file would give 3 of 4, all five 3 of 5. Batches of 3 mix prompts of different lengths.
+    result = run_cli("--eval", "--world", str(tmp_path), "--ckpt", tiny.ckpt, "--limit", "4", "--batch_size", "3",
+                     "--max_new_tokens", "8")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "accuracy: 0.5000"
+    assert lines[0].split() == ["color", "1/2", "0.5000"]
+    assert lines[1].split() == ["count", "1/2", "0.5000"]
+    assert lines[2].split() == ["overall", "2/4", "0.5000"]
