@@ -144,11 +144,88 @@ def bench_llava(directory):
     print(f"generation speed (tokens/s), ours over transformers: {1 / ratio:.2f}")
 
 
+def bench_train(directory):
+    """
+    train.py's stage-2 step (train.train_step: forward, backward, clipping, AdamW) on this CPU: tokens/s, peak memory,
+    and achieved FLOP/s as a fraction of a plain fp32 matmul's FLOP/s measured in the same rounds; float32 and
+    bfloat16 autocast, interleaved. FLOPs per step: train.step_flops (6 x weights x tokens for the LLM and W, attention
+    terms, the frozen vision tower forward only), checked against torch's FlopCounterMode on one step.
+    Two shapes: the realistic one above (CLIP ViT-L/14 proportions at 224 px, a TinyLlama-proportioned LLM), and the
+    tiny default's proportions (64 px images in 8 px patches, widths 128 and 256), which bf16 serves differently.
+    """
+    tiny_llama = dict(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
+    tiny_vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                       image_size=64, patch_size=8)
+    bench_train_shape(directory, "realistic", LLAMA, VISION, batch=2, text_length=256)
+    bench_train_shape(directory, "tiny default", tiny_llama, tiny_vision, batch=16, text_length=200)
+
+
+def matmul_flops_per_s(dtype, size=2048, repeats=5):
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size ** 3 / statistics.median(times)
+
+
+def bench_train_shape(directory, name, llama, vision, batch, text_length):
+    import train
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    paths = os.path.join(directory, name + "-vision"), os.path.join(directory, name + "-llama")
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vision)).save_pretrained(paths[0])
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama)).save_pretrained(paths[1])
+    config = train.TrainConfig(stage=2, vision_path=paths[0], llm_path=paths[1], template="vicuna_v1",
+                               learning_rate=2e-5)
+    model = train.build_model(config, train.Runtime())
+    optimizer = train.make_optimizer(model, config, train.Runtime())
+    text = torch.randint(3, llama["vocab_size"], (batch, text_length))
+    input_ids = torch.cat([text[:, :8], torch.full((batch, 1), IMAGE_TOKEN_INDEX), text[:, 8:]], dim=1)
+    labels = input_ids.masked_fill(torch.arange(input_ids.shape[1]) < text_length // 2, IGNORE_INDEX)  # answers last
+    micro_batch = dict(input_ids=input_ids, labels=labels, attention_mask=torch.ones_like(input_ids).bool(),
+                       pixel_values=torch.randn(batch, 3, vision["image_size"], vision["image_size"]),
+                       ids=[str(i) for i in range(batch)], skipped=[])
+    lengths = train.sequence_lengths(micro_batch, model.num_image_tokens)
+    flops = train.step_flops(model, lengths, batch)
+    with FlopCounterMode(display=False) as counter:
+        train.train_step(model, optimizer, [micro_batch], 2e-5, train.Runtime())
+    print(f"{name}: LLM hidden {llama['hidden_size']} x {llama['num_hidden_layers']} layers, vocab "
+          f"{llama['vocab_size']}; vision hidden {vision['hidden_size']} x {vision['num_hidden_layers']} layers at "
+          f"{vision['image_size']} px; batch {batch} x {lengths[0]} tokens ({model.num_image_tokens} image); "
+          f"{torch.get_num_threads()} threads")
+    print(f"  FLOPs per step: train.step_flops {flops / 1e9:.1f} G, torch's FlopCounterMode "
+          f"{counter.get_total_flops() / 1e9:.1f} G")
+    runtimes = {torch.float32: train.Runtime(), torch.bfloat16: train.Runtime(autocast_dtype=torch.bfloat16)}
+    steps, matmuls = {dtype: [] for dtype in runtimes}, {dtype: [] for dtype in runtimes}
+    for runtime in runtimes.values():  # warm-up
+        train.train_step(model, optimizer, [micro_batch], 2e-5, runtime)
+    for _ in range(ROUNDS):  # interleaved, the matmul ceiling too: the machine is shared
+        for dtype, runtime in runtimes.items():
+            steps[dtype].append(measure(lambda: train.train_step(model, optimizer, [micro_batch], 2e-5, runtime)))
+            matmuls[dtype].append(matmul_flops_per_s(dtype))
+    fp32_matmul = statistics.median(matmuls[torch.float32])
+    for dtype in runtimes:
+        seconds = statistics.median(t for t, _ in steps[dtype])
+        peak_memory = statistics.median(m for _, m in steps[dtype])
+        line = (f"  {'float32' if dtype == torch.float32 else 'bfloat16 autocast'}: step {seconds * 1e3:.0f} ms, "
+                f"{sum(lengths) / seconds:,.0f} tokens/s, peak memory +{peak_memory / 2**20:.0f} MiB, "
+                f"{flops / seconds / 1e9:.1f} GFLOP/s = {flops / seconds / fp32_matmul:.2f} of the fp32 "
+                f"2048^3 matmul's {fp32_matmul / 1e9:.0f} GFLOP/s")
+        if dtype != torch.float32:
+            matmul = statistics.median(matmuls[dtype])
+            line += f" ({flops / seconds / matmul:.2f} of the bf16 matmul's {matmul / 1e9:.0f})"
+        print(line)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(int(os.environ.get("THREADS", 2)))
     transformers.logging.set_verbosity_error()
     which = sys.argv[1] if len(sys.argv) > 1 else ""
-    benches = {"models": bench_models, "llava": bench_llava}
+    benches = {"models": bench_models, "llava": bench_llava, "train": bench_train}
     if which not in benches:
         sys.exit(f"usage: python bench.py {{{','.join(benches)}}}")
     with tempfile.TemporaryDirectory() as directory, torch.inference_mode(False):

@@ -233,10 +233,12 @@ class TinyLLaVA(nn.Module):
         return {"vision": fingerprint(resolve(self.config.vision_path)),
                 "llm": fingerprint(resolve(self.config.llm_path))}
 
-    def save(self, path, **extra):
+    def save(self, path, weights=None, **extra):
         """Our checkpoint, loadable with torch.load(weights_only=True): config, the bases' identity, trained weights,
-        and whatever else the caller adds (optimizer state, step...). Written atomically."""
-        state = dict(config=asdict(self.config), bases=self.base_fingerprints(), model=self.trained_weights(), **extra)
+        and whatever else the caller adds (optimizer state, step...). Written atomically. weights: the trained tensors
+        by name when the caller gathered them itself (a sharded model); by default trained_weights()."""
+        state = dict(config=asdict(self.config), bases=self.base_fingerprints(),
+                     model=self.trained_weights() if weights is None else weights, **extra)
         atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     def hf_key_map(self, vision_prefix="vision_tower.vision_model.", projector_prefix="multi_modal_projector.",

@@ -1,0 +1,305 @@
+"""train.py on tiny models: what each stage trains, exact resume, the same steps whatever the number of processes,
+the recipe's pieces, and the refusals (wrong bases, bad flags, NaN, bad data)."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import train
+import world
+from helpers import TINY_LLAMA, TINY_VISION, randomize
+from tinyllava import TinyLLaVA
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 384
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny bases (a CLIP vision tower, two LLaMAs sharing a byte-level BPE tokenizer), a tiny shapes world and small
+    data files cut from it: stage1/stage2 (16 and 12 records) and their held-out files (4 records each)."""
+    root = tmp_path_factory.mktemp("train")
+    directory = world.ensure_world(root=str(root / "world"), n_train=24, n_heldout=4, eval_per_type=1)
+    texts = [turn["value"] for name in ("stage1.json", "stage2.json")
+             for record in json.loads((directory / name).read_text()) for turn in record["conversations"]]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    transformers.logging.set_verbosity_error()
+    randomize(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY_VISION)), 0).save_pretrained(
+        str(root / "vision"))
+    for name, seed in (("llm", 1), ("other_llm", 2)):
+        config = transformers.LlamaConfig(**dict(TINY_LLAMA, vocab_size=VOCAB, max_position_embeddings=512))
+        randomize(transformers.LlamaForCausalLM(config), seed).save_pretrained(str(root / name))
+        tokenizer.save(str(root / name / "tokenizer.json"))
+    for stage, count in ((1, 16), (2, 12)):
+        for prefix, n in (("", count), ("val_", 4)):
+            records = json.loads((directory / f"{prefix}stage{stage}.json").read_text())[:n]
+            (directory / f"small_{prefix}stage{stage}.json").write_text(json.dumps(records))
+    return dict(root=root, world=directory, vision=str(root / "vision"), llm=str(root / "llm"),
+                other_llm=str(root / "other_llm"))
+
+
+def flags(tiny, out_dir, stage=2, **overrides):
+    """A short run on the tiny bases and data: global batch 4 in micro-batches of 2, every step logged."""
+    settings = dict(stage=stage, vision_path=tiny["vision"], llm_path=tiny["llm"], out_dir=str(out_dir),
+                    data_path=str(tiny["world"] / f"small_stage{stage}.json"),
+                    val_data_path=str(tiny["world"] / f"small_val_stage{stage}.json"), global_batch_size=4,
+                    batch_size=2, learning_rate=3e-3, log_interval=1, eval_interval=0, checkpoint_interval=0,
+                    threads=1)
+    settings.update(overrides)
+    return [f"--{key}={value}" for key, value in settings.items()]
+
+
+def train_log(out_dir, kind="train"):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [record for record in map(json.loads, f) if record["kind"] == kind]
+
+
+def checkpoint(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+
+
+def run_capturing_start(monkeypatch, argv):
+    """train.main(argv) -> (the model's parameters just before the first step, the trained model)."""
+    before = {}
+    step = train.train_step
+
+    def spy(model, *args, **kwargs):
+        if not before:
+            before.update({name: p.detach().clone() for name, p in train.unwrap(model).named_parameters()})
+        return step(model, *args, **kwargs)
+    monkeypatch.setattr(train, "train_step", spy)
+    model = train.main(argv)
+    monkeypatch.setattr(train, "train_step", step)
+    return before, model
+
+
+def changed(before, model, prefix):
+    """{name: whether it changed} for the parameters under prefix."""
+    return {name: not torch.equal(before[name], p.detach()) for name, p in model.named_parameters()
+            if name.startswith(prefix)}
+
+
+def test_stage1_trains_only_w(tiny, tmp_path, monkeypatch):
+    before, model = run_capturing_start(monkeypatch, flags(tiny, tmp_path, stage=1, max_steps=3))
+    assert all(changed(before, model, "projector.").values())
+    assert not any(changed(before, model, "llm.").values()) and not any(changed(before, model, "vision.").values())
+    saved = checkpoint(tmp_path)
+    assert sorted(saved["model"]) == sorted(n for n, _ in model.named_parameters() if n.startswith("projector."))
+    assert saved["step"] == 3 and saved["config"]["template"] == "plain"
+
+
+def test_stage2_trains_w_and_the_llm_from_the_stage1_w_never_vision(tiny, tmp_path, monkeypatch):
+    train.main(flags(tiny, tmp_path / "stage1", stage=1, max_steps=2))
+    stage1 = checkpoint(tmp_path / "stage1")
+    before, model = run_capturing_start(monkeypatch, flags(tiny, tmp_path / "stage2", max_steps=3,
+                                                           init=tmp_path / "stage1" / "ckpt.pt"))
+    for name, tensor in stage1["model"].items():  # stage 2 starts from the stage-1 W
+        assert torch.equal(before[name], tensor), name
+    assert all(changed(before, model, "projector.").values())
+    assert all(changed(before, model, "llm.layers.").values())  # every block's every tensor
+    assert changed(before, model, "llm.norm.")["llm.norm.weight"]
+    assert not any(changed(before, model, "vision.").values())
+    saved = checkpoint(tmp_path / "stage2")
+    assert {name.split(".")[0] for name in saved["model"]} == {"projector", "llm"}
+    assert saved["config"]["template"] == "vicuna_v1"
+
+
+def test_stopped_and_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny, tmp_path):
+    # 12 samples in global batches of 4: 3 steps per epoch, so the 5 steps cross an epoch boundary
+    common = dict(max_steps=5, checkpoint_interval=2)
+    train.main(flags(tiny, tmp_path / "whole", **common))
+    train.main(flags(tiny, tmp_path / "parts", **common, stop_at_step=2))
+    assert checkpoint(tmp_path / "parts")["step"] == 2
+    train.main(flags(tiny, tmp_path / "parts", **common, resume=True))
+    whole, parts = checkpoint(tmp_path / "whole"), checkpoint(tmp_path / "parts")
+    assert parts["step"] == whole["step"] == 5 and parts["epoch"] == 1
+    assert whole["model"].keys() == parts["model"].keys()
+    for name in whole["model"]:
+        assert (whole["model"][name] - parts["model"][name]).abs().max() <= 1e-6, name
+    for name, state in whole["optimizer"]["state"].items():
+        assert torch.allclose(state["exp_avg_sq"], parts["optimizer"]["state"][name]["exp_avg_sq"], atol=1e-9)
+    losses = {r["step"]: r["loss"] for r in train_log(tmp_path / "whole")}
+    resumed = {r["step"]: r["loss"] for r in train_log(tmp_path / "parts")}
+    assert sorted(resumed) == [1, 2, 3, 4, 5]
+    assert resumed == pytest.approx(losses, rel=1e-6)
+
+
+def test_resume_refuses_a_changed_recipe(tiny, tmp_path):
+    train.main(flags(tiny, tmp_path, max_steps=2, stop_at_step=1))
+    with pytest.raises(SystemExit, match=r"--learning_rate \(0\.003 in the checkpoint, 0\.01 given\)"):
+        train.main(flags(tiny, tmp_path, max_steps=2, resume=True, learning_rate=0.01))
+
+
+def test_accumulating_micro_batches_takes_the_step_of_the_whole_batch(tiny, tmp_path):
+    """The loss is normalized by the global batch's token count: 4 samples at once, or 4 micro-batches of 1 whose
+    token counts differ, give the same step (a mean of per-micro-batch means would not)."""
+    for batch_size in (4, 1):
+        train.main(flags(tiny, tmp_path / str(batch_size), max_steps=2, batch_size=batch_size))
+    one, four = checkpoint(tmp_path / "4"), checkpoint(tmp_path / "1")
+    for name in one["model"]:
+        torch.testing.assert_close(one["model"][name], four["model"][name], atol=2e-6, rtol=1e-4)
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in train_log(tmp_path / "1")] == pytest.approx(
+            [r[key] for r in train_log(tmp_path / "4")], rel=1e-5)
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_under_torchrun_take_the_same_steps_as_one(tiny, tmp_path, sharding):
+    """gloo on CPU: 2 processes x micro-batch 2 against 1 process x 2 micro-batches of 2, same global batch of 4.
+    The images of process 0's first micro-batch are unreadable: it runs the empty-batch stand-in while process 1
+    trains, and the step must still be the one process's."""
+    records = json.loads((tiny["world"] / "small_stage2.json").read_text())
+    shutil.copytree(tiny["world"] / "images", tmp_path / "images")
+    config = train.TrainConfig(global_batch_size=4, batch_size=2)
+    for index in train.epoch_plan([1] * len(records), config, 0, 1, train.Runtime(rank=0, world_size=2))[0][0]:
+        (tmp_path / records[index]["image"]).write_bytes(b"")
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    common = dict(max_steps=3, eval_interval=2, eval_samples=3, data_path=tmp_path / "data.json",
+                  max_bad_fraction=0.6)
+    train.main(flags(tiny, tmp_path / "one", **common))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(REPO, "train.py")] + flags(tiny, tmp_path / "two", **common, fsdp=sharding == "fsdp")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and result.stdout.count("step 3/3 | epoch") == 1  # rank 0 alone prints
+    assert "skipped: sample" in result.stdout
+    for key in ("loss", "grad_norm"):  # the norm shows a gradient scaled wrong, which Adam and clipping would hide
+        assert [r[key] for r in train_log(tmp_path / "two")] == pytest.approx(
+            [r[key] for r in train_log(tmp_path / "one")], rel=1e-5)
+    assert [r["val_loss"] for r in train_log(tmp_path / "two", "eval")] == pytest.approx(
+        [r["val_loss"] for r in train_log(tmp_path / "one", "eval")], rel=1e-5)
+    one, two = checkpoint(tmp_path / "one"), checkpoint(tmp_path / "two")
+    assert one["model"].keys() == two["model"].keys()
+    for name in one["model"]:
+        torch.testing.assert_close(two["model"][name], one["model"][name], atol=2e-6, rtol=1e-4)
+
+
+def test_stage2_refuses_a_w_aligned_on_another_llm(tiny, tmp_path):
+    train.main(flags(tiny, tmp_path / "stage1", stage=1, max_steps=1))
+    init = str(tmp_path / "stage1" / "ckpt.pt")
+    with pytest.raises(SystemExit) as error:
+        train.main(flags(tiny, tmp_path / "stage2", init=init, llm_path=tiny["other_llm"], max_steps=1))
+    message = str(error.value)
+    assert f"{init} was aligned on vision tower {tiny['vision']} and LLM {tiny['llm']}" in message
+    assert f"asked to train vision tower {tiny['vision']} and LLM {tiny['other_llm']}: the LLM differs" in message
+    assert not (tmp_path / "stage2" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lerning_rate", "1e-3"], "unknown flag --lerning_rate (did you mean --learning_rate?)"),
+    (["--max_steps=ten"], "--max_steps expects an int, got 'ten'"),
+    (["--compile", "maybe"], "--compile expects true/false/1/0, got 'maybe'"),
+    (["--projector", "mlp3x"], "--projector must be one of linear, mlp2x_gelu; got 'mlp3x'"),
+    (["--stage", "1", "--init", "x.pt"], "--init takes a stage-1 checkpoint for stage 2"),
+    (["stage=2"], "unexpected argument 'stage=2'"),
+])
+def test_bad_flags_fail_with_the_flag_named(argv, message):
+    with pytest.raises(SystemExit) as error:
+        train.main(argv)
+    assert str(error.value).startswith("train.py: ") and message in str(error.value)
+
+
+def test_flags_parse_to_the_field_types():
+    assert train.parse_flags(["--learning_rate=2e-5", "--resume", "--batch_size", "8", "--compile", "0",
+                              "--vision_feature_layer", "-1", "--fsdp"]) == dict(
+        learning_rate=2e-5, resume=True, batch_size=8, compile=False, vision_feature_layer=-1, fsdp=True)
+    config, _, _ = train.make_config(["--stage=2", "--learning_rate", "1e-4"])
+    assert (config.template, config.out_dir, config.learning_rate) == ("vicuna_v1", "out/stage2", 1e-4)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny, tmp_path, monkeypatch):
+    forward, calls = TinyLLaVA.forward, []
+
+    def poisoned(self, *args, **kwargs):  # the loss of the 5th training micro-batch (step 3) is NaN
+        logits, loss = forward(self, *args, **kwargs)
+        calls.append(self.training)
+        return logits, loss * float("nan") if sum(calls) == 5 and self.training else loss
+    monkeypatch.setattr(TinyLLaVA, "forward", poisoned)
+    with pytest.raises(SystemExit) as error:
+        train.main(flags(tiny, tmp_path, max_steps=5, checkpoint_interval=2))
+    assert "step 3: loss nan" in str(error.value) and f"{tmp_path}/ckpt.pt (step 2)" in str(error.value)
+    saved = checkpoint(tmp_path)
+    assert saved["step"] == 2 and all(torch.isfinite(t).all() for t in saved["model"].values())
+    assert [r["step"] for r in train_log(tmp_path)] == [1, 2]
+
+
+def test_unreadable_images_are_reported_skipped_and_stop_the_run_past_max_bad_fraction(tiny, tmp_path, capsys):
+    records = json.loads((tiny["world"] / "small_stage1.json").read_text())
+    shutil.copytree(tiny["world"] / "images", tmp_path / "images")
+    (tmp_path / records[0]["image"]).write_bytes(b"not a png")
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    settings = dict(stage=1, data_path=tmp_path / "data.json", max_steps=4, out_dir=tmp_path / "out")
+    train.main(flags(tiny, **settings, max_bad_fraction=0.1))
+    assert f"skipped: sample {records[0]['id']}: cannot load image" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"1 bad samples in epoch 0 of .*more than --max_bad_fraction 0\.05 of its 16"):
+        train.main(flags(tiny, **settings, max_bad_fraction=0.05))
+
+
+def test_every_step_sees_the_same_global_batch_whatever_the_processes_and_micro_batches():
+    config = train.TrainConfig(global_batch_size=8, batch_size=1, seed=3)
+    lengths = [1] * 21  # 2 full global batches and a short one
+
+    def steps(world_size, batch_size, epoch):
+        config.batch_size = batch_size
+        accumulation = 8 // (batch_size * world_size)
+        plans = [train.epoch_plan(lengths, config, epoch, accumulation, train.Runtime(rank=r, world_size=world_size))
+                 for r in range(world_size)]
+        return [[i for plan in plans for micro in plan[k] for i in micro] for k in range(len(plans[0]))]
+    reference = steps(1, 8, 0)
+    assert [len(s) for s in reference] == [8, 8, 5] and sorted(sum(reference, [])) == list(range(21))
+    for world_size, batch_size in ((1, 1), (2, 2), (4, 1), (8, 1), (2, 4)):
+        assert steps(world_size, batch_size, 0) == reference
+    assert steps(2, 2, 1) != reference and steps(2, 2, 1) == steps(1, 4, 1)
+
+
+def test_learning_rate_warms_up_for_3_percent_then_follows_a_cosine_to_min_lr():
+    config = train.TrainConfig(learning_rate=1e-3, min_lr=1e-5)
+    lr = [train.learning_rate(step, 100, config) for step in range(100)]
+    assert lr[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])  # ceil(0.03 * 100) = 3 warmup steps
+    assert lr[3] == pytest.approx(1e-3)
+    assert lr[3 + 97 // 2] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 48 / 97)))
+    assert lr[99] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 96 / 97)))
+    assert all(a >= b for a, b in zip(lr[3:], lr[4:]))
+
+
+def test_weight_decay_spares_biases_and_norm_weights(tiny):
+    config = train.TrainConfig(stage=2, vision_path=tiny["vision"], llm_path=tiny["llm"], learning_rate=1e-3,
+                               weight_decay=0.1, template="vicuna_v1")
+    model = train.build_model(config, train.Runtime())
+    decayed, spared = train.make_optimizer(model, config, train.Runtime()).param_groups
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert decayed["weight_decay"] == 0.1 and spared["weight_decay"] == 0.0
+    assert {names[id(p)] for p in spared["params"]} == {
+        name for name, p in model.named_parameters() if p.requires_grad and (
+            name.endswith("bias") or name.endswith("norm.weight"))}
+    assert {names[id(p)] for p in decayed["params"]} >= {"projector.linear_1.weight", "llm.embed_tokens.weight",
+                                                         "llm.layers.0.attention.qkv.weight", "llm.lm_head.weight"}
+
+
+def test_default_tiny_pipeline_runs_from_the_command_line(tiny, tmp_path):
+    """The CI's shortened pipeline: stage 1 then stage 2 --init on the shapes world, a few steps each, with the
+    shipped bases (the tiny test bases until bases/ exists)."""
+    shipped = all(os.path.isfile(os.path.join(REPO, "bases", name, "config.json")) for name in ("clip", "llama"))
+    bases = [] if shipped else [f"--vision_path={tiny['vision']}", f"--llm_path={tiny['llm']}"]
+    short = ["--max_steps=2", "--global_batch_size=4", "--batch_size=2", "--eval_samples=4", "--log_interval=1"]
+    for stage, extra in ((1, []), (2, [f"--init={tmp_path}/stage1/ckpt.pt"])):
+        command = [sys.executable, os.path.join(REPO, "train.py"), f"--stage={stage}",
+                   f"--out_dir={tmp_path}/stage{stage}"] + bases + short + extra
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        assert f"stage{stage}.json" in result.stdout and "held-out loss" in result.stdout
+        assert "step 2/2" in result.stdout and "done: 2 steps" in result.stdout
+    model = TinyLLaVA.from_pretrained(str(tmp_path / "stage2" / "ckpt.pt"))
+    assert model.config.template == "vicuna_v1"
