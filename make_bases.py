@@ -1,0 +1,473 @@
+"""
+Regenerate the tiny pretrained bases shipped in bases/: a byte-level BPE tokenizer, a tiny CLIP (both towers) and a
+tiny LLaMA, trained from scratch on the shapes world (world.py) and written in Hugging Face's layout, so that they load
+through exactly the loaders real checkpoints use (CLIP.from_pretrained, Llama.from_pretrained, and transformers').
+
+    python make_bases.py                                       # all of bases/: 5 minutes on 2 quiet CPU cores
+    python make_bases.py --out /tmp/bases --clip_steps 20 --llm_steps 20     # a quick smoke run
+    python -m pytest -q tests/test_make_bases.py
+
+    bases/clip/    CLIPModel: config.json, model.safetensors, preprocessor_config.json, tokenizer(_config).json
+    bases/llama/   LlamaForCausalLM: config.json, model.safetensors, tokenizer(_config).json
+
+1. Tokenizer: byte-level BPE trained on every text of the world, in the pieces data.py encodes, until no merge is
+   left: every word of the world is one token, and any other text still encodes (byte fallback is built in). Special
+   ids: <unk> 0, <s> 1, </s> 2, <pad> 3, and <|endoftext|> 4, CLIP's end of text. No post-processor: data.py adds BOS.
+2. CLIP: the world's 64 x 64 scene is cut into 21 x 21 patches, one per cell of its 3 x 3 grid (the conv drops pixel
+   row and column 63, which lie in the cell margin), so LLaVA gets 9 image tokens. LLaVA reads the patch tokens of the
+   penultimate layer, so each must say what its cell holds and which cell it is. Whole-image CLIP learns that slowly
+   (it tells 256 scenes apart by colours and sizes alone, and positions not at all), so CLIP's contrastive loss is
+   applied twice: to whole images against their caption or detailed description, and to each object's cell token
+   against the description's sentence about it ("A large red circle is in the top left corner."), with that sentence
+   at another cell or with another shape as a hard negative (as NegCLIP, Yuksekgonul et al. 2023).
+3. LLaMA: a language model on the world's train conversations and captions, each encoded exactly as LLaVA training
+   encodes it (data.encode_conversation, vicuna_v1, image before or after the question) minus the image placeholder.
+Weights are trained in float32 under bf16 autocast and stored in float16 (the loaders cast on load); the quality
+figures printed at the end are measured on the stored files, loaded back.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import world
+from clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, contrastive_loss
+from data import (BRIEF_DESCRIPTION_QUESTIONS, CLIP_MEAN, CLIP_STD, DETAILED_DESCRIPTION_QUESTIONS, IMAGE_TAG,
+                  encode_conversation, load_image, process_image, render_conversation)
+from llama import Llama, LlamaConfig
+from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from weights import atomic_write, write_json
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<|endoftext|>")  # ids 0..4, in this order
+UNK, BOS, EOS, PAD, END_OF_TEXT = range(5)
+
+
+@dataclass
+class Settings:
+    """The defaults; each is also a command-line flag (--clip_steps 20)."""
+    out: str = "bases"
+    world_root: str = "cache/world"
+    world_seed: int = 0  # the default world train.py uses: the bases never see its held-out split
+    n_train: int = world.N_TRAIN_IMAGES
+    n_heldout: int = world.N_HELDOUT_IMAGES
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 2
+    save_dtype: str = "float16"
+    # CLIP
+    patch_size: int = world.IMAGE_SIZE // world.GRID  # one patch per grid cell
+    vision_width: int = 192
+    vision_layers: int = 4
+    vision_heads: int = 6
+    text_width: int = 96
+    text_layers: int = 2
+    text_heads: int = 3
+    text_context: int = 64
+    projection_dim: int = 128
+    position_std: float = 1.0  # init of the vision position embedding; at 0.02 positions were never learned
+    clip_steps: int = 600
+    clip_batch: int = 128
+    clip_lr: float = 1e-3
+    # LLaMA
+    llm_width: int = 256
+    llm_layers: int = 4
+    llm_heads: int = 4
+    llm_kv_heads: int = 2
+    llm_intermediate: int = 512
+    llm_context: int = 512
+    llm_steps: int = 800
+    llm_batch: int = 32
+    llm_lr: float = 2e-3
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The world as data
+
+
+def scene_from_json(record):
+    return world.Scene(record["background"], tuple(
+        world.SceneObject(o["shape"], o["color"], o["size"], o["row"], o["col"], tuple(o["box"]))
+        for o in record["objects"]))
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def cell_sentence(obj, row, col):
+    """The detailed description's sentence about obj, placed at (row, col): 'A large red circle is on the left.'"""
+    return world.capitalize(f"{world.with_article(world.phrase(obj.size, obj.color, obj.shape))} is "
+                            f"{world.where(row, col)}.")
+
+
+def world_texts(directory):
+    """Every text the bases read, in the pieces data.py encodes: the train records in the vicuna_v1 template with the
+    image before and after the question, cut at <image> and </s>; stage-1 captions as the plain template writes them;
+    the CLIP texts (captions, detailed descriptions); the instructions of paper Tables 8 and 9. Sorted, no repeats."""
+    texts = set()
+    for name in ("stage1.json", "stage2.json"):
+        for record in read_json(os.path.join(directory, name)):
+            for image_first in (True, False):
+                rendered = render_conversation(record["conversations"], "vicuna_v1", image_first)
+                texts.update(piece for part in rendered.split(IMAGE_TAG) for piece in part.split("</s>") if piece)
+            if name == "stage1.json":
+                texts.add(record["conversations"][1]["value"] + "\n")
+    for record in read_json(os.path.join(directory, "scenes.json")):
+        if record["split"] == "train":
+            texts.update((record["caption"], world.description(scene_from_json(record))))
+    for question in BRIEF_DESCRIPTION_QUESTIONS + DETAILED_DESCRIPTION_QUESTIONS:
+        texts.update((question, " " + question))
+    return sorted(texts)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Tokenizer
+
+
+def train_tokenizer(texts):
+    """Byte-level BPE: start from the 256 bytes, merge the most frequent pair within words until none is left."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's word split, spaces kept
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1 << 16, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    assert [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    return tokenizer
+
+
+def save_tokenizer(tokenizer, directory, bos, eos, max_length):
+    """tokenizer.json, and a tokenizer_config.json so that transformers' AutoTokenizer knows the special tokens."""
+    atomic_write(os.path.join(directory, "tokenizer.json"), tokenizer.save)
+    write_json(dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=SPECIAL_TOKENS[bos],
+                    eos_token=SPECIAL_TOKENS[eos], unk_token=SPECIAL_TOKENS[UNK], pad_token=SPECIAL_TOKENS[PAD],
+                    model_max_length=max_length, clean_up_tokenization_spaces=False),
+               os.path.join(directory, "tokenizer_config.json"))
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training, shared by both models
+
+
+def train(name, model, batch_loss, steps, lr, settings, warmup=0.05):
+    """AdamW with linear warmup and cosine decay; batch_loss(step) -> loss, run under bf16 autocast on the CPU.
+    Prints step, loss, elapsed time and ETA ten times."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices decay; norms, biases, scales do not
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=0.1), dict(params=rest, weight_decay=0.0)],
+                                  lr=lr, betas=(0.9, 0.98), fused=settings.device == "cuda")
+    model.train()
+    started = time.time()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / (warmup * steps)) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        # the CPU's flash-attention backward is slow on these short sequences: the plain math kernel ran ~2x faster
+        with sdpa_kernel(SDPBackend.MATH) if settings.device == "cpu" else nullcontext():
+            with torch.autocast(settings.device, dtype=torch.bfloat16):  # AMX-bf16 matmuls on this CPU
+                loss = batch_loss(step)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
+            elapsed = time.time() - started
+            print(f"{name} step {step + 1}/{steps}  loss {loss.item():.4f}  elapsed {elapsed:.0f}s  "
+                  f"eta {elapsed / (step + 1) * (steps - step - 1):.0f}s", flush=True)
+    return model.eval()
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. CLIP
+
+
+def load_scenes(directory, image_size):
+    """(scenes, pixels (N, 3, S, S) exactly as data.process_image gives LLaVA, is_train (N,)) of the whole world."""
+    records = read_json(os.path.join(directory, "scenes.json"))
+    pixels = torch.stack([process_image(load_image(os.path.join(directory, r["image"])), image_size)
+                          for r in records])
+    is_train = torch.tensor([r["split"] == "train" for r in records])
+    return [scene_from_json(r) for r in records], pixels, is_train
+
+
+def clip_ids(texts, tokenizer, context):
+    """<s> text <|endoftext|>, right-padded with <pad> to the longest: (B, T) ids. The text tower pools at id 4."""
+    rows = [[BOS] + e.ids + [END_OF_TEXT] for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    longest = max(len(row) for row in rows)
+    if longest > context:
+        raise ValueError(f"a CLIP text of {longest} tokens exceeds the text context {context}")
+    return torch.tensor([row + [PAD] * (longest - len(row)) for row in rows])
+
+
+def cell_pooling(config):
+    """(GRID^2, num_patches): the mean over the patches whose centre lies in each grid cell (one patch per cell by
+    default, then the identity)."""
+    side = config.image_size // config.patch_size
+    centres = torch.arange(side) * config.patch_size + config.patch_size // 2
+    cell_of = (centres * world.GRID // world.IMAGE_SIZE).clamp(max=world.GRID - 1)  # (side,) cell row/col of a patch
+    cells = (cell_of[:, None] * world.GRID + cell_of[None, :]).flatten()  # (num_patches,) row by row
+    pooling = F.one_hot(cells, world.GRID ** 2).T.float()  # (GRID^2, num_patches)
+    return pooling / pooling.sum(1, keepdim=True)
+
+
+def altered(obj, rng):
+    """A hard negative for obj's sentence: the same object at another cell, or with another shape."""
+    if rng.random() < 0.5:
+        return cell_sentence(dataclasses.replace(obj, shape=rng.choice([s for s in world.SHAPES if s != obj.shape])),
+                             obj.row, obj.col)
+    cells = [(row, col) for row in range(world.GRID) for col in range(world.GRID) if (row, col) != (obj.row, obj.col)]
+    return cell_sentence(obj, *rng.choice(cells))
+
+
+def clip_embeddings(model, pixels, pooling):
+    """Unit vectors in the shared space (B, 1 + GRID^2, P): the image (class token, as CLIP.encode_image), then each
+    cell (its patch tokens through the same post-norm and projection)."""
+    hidden = model.vision.post_layernorm(model.vision(pixels))  # (B, 1 + num_patches, D)
+    cells = torch.einsum("cp,bpd->bcd", pooling.to(hidden.dtype), hidden[:, 1:])  # (B, GRID^2, D)
+    return F.normalize(model.visual_projection(torch.cat([hidden[:, :1], cells], dim=1)), dim=-1)
+
+
+def train_clip(settings, tokenizer, scenes, pixels, is_train):
+    vision = CLIPVisionConfig(hidden_size=settings.vision_width, intermediate_size=4 * settings.vision_width,
+                              num_hidden_layers=settings.vision_layers, num_attention_heads=settings.vision_heads,
+                              image_size=world.IMAGE_SIZE, patch_size=settings.patch_size)
+    text = CLIPTextConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=settings.text_width,
+                          intermediate_size=4 * settings.text_width, num_hidden_layers=settings.text_layers,
+                          num_attention_heads=settings.text_heads, max_position_embeddings=settings.text_context,
+                          bos_token_id=BOS, eos_token_id=END_OF_TEXT, pad_token_id=PAD)
+    model = CLIP(CLIPConfig(vision=vision, text=text, projection_dim=settings.projection_dim)).to(settings.device)
+    with torch.no_grad():  # position strong enough to survive training: at 0.02 the cell tokens forgot their cell
+        model.vision.position_embedding.normal_(0.0, settings.position_std)
+    print(f"CLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{vision.num_patches} image tokens of width {vision.hidden_size}")
+    train_rows = is_train.nonzero()[:, 0].tolist()
+    pooling = cell_pooling(vision).to(settings.device)
+    rng = random.Random(settings.seed)
+
+    def batch_loss(step):
+        with torch.no_grad():  # CLIP clips the learned temperature: logit scale at most 100
+            model.logit_scale.clamp_(0, math.log(100))
+        rows = rng.sample(train_rows, min(settings.clip_batch, len(train_rows)))
+        texts, picked, sentences, negatives = [], [], [], []
+        for b, row in enumerate(rows):
+            scene = scenes[row]
+            texts.append((world.caption if rng.random() < 0.5 else world.description)(scene))
+            obj = rng.choice(scene.objects)
+            sentence = cell_sentence(obj, obj.row, obj.col)
+            if sentence not in sentences:  # a sentence twice in a batch would be its own negative
+                picked.append((b, 1 + obj.row * world.GRID + obj.col))
+                sentences.append(sentence)
+                negatives.append(altered(obj, rng))
+        embeddings = clip_embeddings(model, pixels[rows].to(settings.device), pooling)  # (B, 1 + GRID^2, P)
+        text_embeddings = model.encode_text(clip_ids(texts, tokenizer, settings.text_context).to(settings.device))
+        sentence_embeddings = model.encode_text(clip_ids(sentences + negatives, tokenizer,
+                                                         settings.text_context).to(settings.device))
+        scale = model.logit_scale.exp()
+        image_logits = scale * embeddings[:, 0] @ text_embeddings.T  # (B, B)
+        b, cell = map(list, zip(*picked))
+        cell_logits = scale * embeddings[b, cell] @ sentence_embeddings.T  # (n, 2n): sentences, then negatives
+        n = len(picked)
+        true_vs_altered = torch.stack([cell_logits[:, :n].diagonal(), cell_logits[:, n:].diagonal()], dim=1)
+        return (contrastive_loss(image_logits.float()) + contrastive_loss(cell_logits[:, :n].float())
+                + F.cross_entropy(true_vs_altered.float(), torch.zeros(n, dtype=torch.long, device=scale.device)))
+
+    train("clip", model, batch_loss, settings.clip_steps, settings.clip_lr, settings)
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    return model
+
+
+@torch.no_grad()
+def clip_quality(model, tokenizer, scenes, pixels, is_train, settings):
+    """Held-out figures: image->caption top-1 within batches of 256 pairs, and linear probes of the penultimate patch
+    tokens (the features LLaVA reads), fitted on the train split: each cell's occupancy, shape, color and size read
+    from all tokens concatenated ("all"), and from the cell's own token by one probe shared by all cells ("own"),
+    and which cell a token belongs to, from that token alone."""
+    device = settings.device
+    held_out = (~is_train).nonzero()[:, 0].tolist()
+    hits = 0
+    for start in range(0, len(held_out), 256):
+        rows = held_out[start:start + 256]
+        captions = clip_ids([world.caption(scenes[r]) for r in rows], tokenizer, settings.text_context)
+        logits = model(pixels[rows].to(device), captions.to(device))  # (B, B)
+        hits += int((logits.argmax(dim=1) == torch.arange(len(rows), device=device)).sum())
+    figures = {"retrieval": hits / len(held_out)}
+
+    features = torch.cat([model.vision(pixels[i:i + 500].to(device), layer=-2)[:, 1:].float().cpu()
+                          for i in range(0, len(pixels), 500)])  # (N, num_patches, D)
+    features = (features - features.mean((0, 1))) / features.std((0, 1))
+    token_cell = cell_pooling(model.config.vision).argmax(0)  # (num_patches,) the cell holding each patch's centre
+    own_features = features.flatten(0, 1)  # (N * num_patches, D), one row per token
+    own_is_train = is_train.repeat_interleave(len(token_cell))
+    for name, values in (("shape", world.SHAPES), ("color", list(world.COLORS)), ("size", list(world.SIZES))):
+        target = torch.zeros(len(scenes), world.GRID ** 2, dtype=torch.long)  # (N, cells): 0 = empty cell
+        for n, scene in enumerate(scenes):
+            for obj in scene.objects:
+                target[n, obj.row * world.GRID + obj.col] = 1 + values.index(getattr(obj, name))
+        all_tokens = features.flatten(1)  # (N, num_patches * D): a feature's place says which token it came from
+        own_target = target[:, token_cell].reshape(-1, 1)  # (N * num_patches, 1): what the token's cell holds
+        figures[f"{name} all"], figures["occupied all"] = probe(all_tokens, target, is_train)
+        figures[f"{name} own"], figures["occupied own"] = probe(own_features, own_target, own_is_train)
+    figures["cell own"], _ = probe(own_features, 1 + token_cell.repeat(len(scenes))[:, None], own_is_train)
+    return figures
+
+
+def probe(features, targets, is_train, ridge=1e-3):
+    """A linear probe: least squares onto one-hot targets (ridge-regularized) on the train rows. features (N, F),
+    integer targets (N, K), 0 meaning 'no object'. Held-out accuracy on the targets that are objects, and of telling
+    object from no object."""
+    classes = int(targets.max()) + 1
+    one_hot = F.one_hot(targets, classes).flatten(1).float()  # (N, K * classes)
+    x = torch.cat([features, torch.ones(len(features), 1)], dim=1)  # (N, F + 1): a bias column
+    x_train = x[is_train]
+    gram = x_train.T @ x_train
+    weights = torch.linalg.solve(gram + ridge * len(x_train) * torch.eye(len(gram)), x_train.T @ one_hot[is_train])
+    predicted = (x @ weights).view(len(x), targets.shape[1], classes).argmax(-1)  # (N, K)
+    held_out = ~is_train[:, None].expand_as(targets)
+    objects = held_out & (targets > 0)
+    return (float((predicted == targets)[objects].float().mean()),
+            float(((predicted > 0) == (targets > 0))[held_out].float().mean()))
+
+
+def save_clip(model, tokenizer, directory, settings):
+    model.to(getattr(torch, settings.save_dtype)).save_pretrained(directory)
+    size = model.config.vision.image_size
+    write_json(dict(image_processor_type="CLIPImageProcessor", do_resize=True, size={"shortest_edge": size},
+                    resample=3, do_center_crop=True, crop_size={"height": size, "width": size}, do_rescale=True,
+                    rescale_factor=1 / 255, do_normalize=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+                    do_convert_rgb=True), os.path.join(directory, "preprocessor_config.json"))
+    save_tokenizer(tokenizer, directory, BOS, END_OF_TEXT, settings.text_context)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. LLaMA
+
+
+def lm_sequences(records, tokenizer, rng):
+    """Token ids of each record as LLaVA training encodes it (vicuna_v1, image before or after the question at
+    random), the image placeholder left out: <s>{system} USER: ... ASSISTANT: ...</s>..."""
+    sequences = []
+    for record in records:
+        ids, _ = encode_conversation(record["conversations"], tokenizer, "vicuna_v1", rng=rng)
+        sequences.append([i for i in ids if i != IMAGE_TOKEN_INDEX])
+    return sequences
+
+
+def lm_batch(sequences, device):
+    """Right-padded (B, T) ids and labels (IGNORE_INDEX on the padding)."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.tensor([s + [PAD] * (longest - len(s)) for s in sequences], device=device)
+    labels = torch.tensor([s + [IGNORE_INDEX] * (longest - len(s)) for s in sequences], device=device)
+    return ids, labels
+
+
+def lm_loss(model, ids, labels):
+    logits = model(ids)  # (B, T, vocab)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+
+def train_llama(settings, tokenizer, sequences):
+    config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=settings.llm_width,
+                         intermediate_size=settings.llm_intermediate, num_hidden_layers=settings.llm_layers,
+                         num_attention_heads=settings.llm_heads, num_key_value_heads=settings.llm_kv_heads,
+                         head_dim=settings.llm_width // settings.llm_heads,
+                         max_position_embeddings=settings.llm_context, tie_word_embeddings=True,
+                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    model = Llama(config).to(settings.device)
+    print(f"LLaMA: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{len(sequences)} sequences, {sum(map(len, sequences))} tokens")
+    rng = random.Random(settings.seed)
+    batch_loss = lambda step: lm_loss(model, *lm_batch(rng.sample(sequences, min(settings.llm_batch, len(sequences))),
+                                                         settings.device))
+    return train("llama", model, batch_loss, settings.llm_steps, settings.llm_lr, settings)
+
+
+@torch.no_grad()
+def llama_quality(model, sequences, settings):
+    """Mean loss per token over held-out sequences, and its perplexity."""
+    total, count = 0.0, 0
+    for start in range(0, len(sequences), 64):
+        ids, labels = lm_batch(sequences[start:start + 64], settings.device)
+        tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        total += float(lm_loss(model, ids, labels)) * tokens
+        count += tokens
+    return {"loss": total / count, "perplexity": math.exp(total / count)}
+
+
+def save_llama(model, tokenizer, directory, settings):
+    model.to(getattr(torch, settings.save_dtype)).save_pretrained(directory)
+    save_tokenizer(tokenizer, directory, BOS, EOS, settings.llm_context)
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def replace_directory(build, final):
+    """Move a finished directory into place, so that bases/clip is always a whole checkpoint, old or new."""
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(build, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    for field in dataclasses.fields(Settings):
+        parser.add_argument(f"--{field.name}", type=field.type, default=field.default)
+    settings = Settings(**vars(parser.parse_args(argv)))
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    started = time.time()
+    timings = {}
+    directory = world.ensure_world(settings.world_root, settings.world_seed, settings.n_train, settings.n_heldout)
+    build = os.path.join(settings.out, "build")
+    shutil.rmtree(build, ignore_errors=True)
+
+    tokenizer = train_tokenizer(world_texts(directory))
+    timings["tokenizer"] = time.time() - started
+    print(f"tokenizer: {tokenizer.get_vocab_size()} tokens in {timings['tokenizer']:.0f}s")
+
+    part = time.time()
+    scenes, pixels, is_train = load_scenes(directory, world.IMAGE_SIZE)
+    clip = train_clip(settings, tokenizer, scenes, pixels, is_train)
+    save_clip(clip, tokenizer, os.path.join(build, "clip"), settings)
+    clip = CLIP.from_pretrained(os.path.join(build, "clip"), device=settings.device)  # score what was stored
+    clip_figures = clip_quality(clip, tokenizer, scenes, pixels, is_train, settings)
+    timings["clip"] = time.time() - part
+
+    part = time.time()
+    rng = random.Random(settings.seed)
+    records = read_json(os.path.join(directory, "stage1.json")) + read_json(os.path.join(directory, "stage2.json"))
+    llama = train_llama(settings, tokenizer, lm_sequences(records, tokenizer, rng))
+    save_llama(llama, tokenizer, os.path.join(build, "llama"), settings)
+    llama = Llama.from_pretrained(os.path.join(build, "llama"), device=settings.device)
+    held_out = read_json(os.path.join(directory, "val_stage1.json")) + read_json(
+        os.path.join(directory, "val_stage2.json"))
+    llama_figures = llama_quality(llama, lm_sequences(held_out, tokenizer, rng), settings)
+    timings["llama"] = time.time() - part
+
+    for name in ("clip", "llama"):
+        replace_directory(os.path.join(build, name), os.path.join(settings.out, name))
+    os.rmdir(build)
+    size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(settings.out) for f in files)
+    print(f"CLIP, held out: image->caption top-1 within batches of 256 pairs {clip_figures['retrieval']:.3f}")
+    columns = ("occupied", "shape", "color", "size", "cell")
+    print(f"  {'linear probes of the penultimate patch tokens':48s}" + "".join(f"{c:>9s}" for c in columns))
+    for kind, text in (("all", "all tokens concatenated"), ("own", "the cell's own token, one probe for all cells")):
+        print(f"  {text:48s}" + "".join(f"{clip_figures[f'{c} {kind}']:9.3f}" if f"{c} {kind}" in clip_figures
+                                        else f"{'-':>9s}" for c in columns))
+    print(f"LLaMA, held out: loss {llama_figures['loss']:.4f}, perplexity {llama_figures['perplexity']:.3f}")
+    print(f"wrote {settings.out}/clip and {settings.out}/llama ({size / 1e6:.1f} MB); times: "
+          + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {time.time() - started:.0f}s")
+    return clip_figures, llama_figures
+
+
+if __name__ == "__main__":
+    main()

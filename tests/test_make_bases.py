@@ -1,0 +1,207 @@
+"""Tests for make_bases.py and the bases it shipped: both loaders (ours and transformers') read them and agree, the
+tokenizer fits the world and data.py, the bases know the world, and a tiny run of the whole script works."""
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer
+
+import data
+import make_bases
+import world
+from clip import CLIP, CLIPVision
+from llama import Llama
+from tinyllava import IMAGE_TOKEN_INDEX
+
+BASES = Path(__file__).resolve().parents[1] / "bases"
+CLIP_DIR, LLAMA_DIR = BASES / "clip", BASES / "llama"
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<|endoftext|>"]  # ids 0..4, as the brief fixes them
+TINY = ["--n_train", "24", "--n_heldout", "8", "--clip_steps", "2", "--llm_steps", "2", "--clip_batch", "8",
+        "--llm_batch", "4", "--vision_width", "16", "--vision_heads", "2", "--text_width", "16", "--text_heads", "2",
+        "--llm_width", "16", "--llm_heads", "2", "--llm_kv_heads", "1", "--llm_intermediate", "24"]
+
+
+@pytest.fixture(scope="module")
+def unseen_world(tmp_path_factory):
+    """A world of another seed: scenes and sentences the bases never trained on, in the same language."""
+    return world.ensure_world(tmp_path_factory.mktemp("world"), seed=1, n_train=300, n_heldout=60, eval_per_type=10)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.from_file(str(LLAMA_DIR / "tokenizer.json"))
+
+
+def records(directory, *names):
+    return [r for name in names for r in json.loads((directory / name).read_text())]
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The tokenizer
+
+
+def test_tokenizer_has_the_fixed_special_ids_adds_nothing_and_is_the_same_file_in_both_bases(tokenizer):
+    assert [tokenizer.id_to_token(i) for i in range(5)] == SPECIAL
+    assert (CLIP_DIR / "tokenizer.json").read_bytes() == (LLAMA_DIR / "tokenizer.json").read_bytes()
+    assert tokenizer.post_processor is None
+    assert tokenizer.encode("A red circle.").ids == tokenizer.encode("A red circle.", add_special_tokens=False).ids
+    assert 256 < tokenizer.get_vocab_size() <= 1024
+
+
+def test_every_word_of_an_unseen_world_is_one_token_and_its_text_round_trips(tokenizer, unseen_world):
+    texts = make_bases.world_texts(unseen_world)
+    texts += [t for item in records(unseen_world, "eval.json") for t in (item["question"], " " + item["answer"])]
+    assert len(texts) > 1000
+    for text in texts:
+        words = tokenizer.pre_tokenizer.pre_tokenize_str(text)  # GPT-2's split: ' circle', '.', '\n', "'s", ...
+        assert len(tokenizer.encode(text).ids) == len(words), f"a word of {text!r} takes several tokens"
+        assert tokenizer.decode(tokenizer.encode(text).ids) == text
+    assert tokenizer.decode(tokenizer.encode(" a zebra in Zürich, 42 km!").ids) == " a zebra in Zürich, 42 km!"
+
+
+def test_data_py_encodes_conversations_the_tokenizer_decodes_back_exactly(tokenizer, unseen_world):
+    for record in records(unseen_world, "val_stage1.json", "val_stage2.json")[:200]:
+        for image_first in (True, False):
+            ids, _ = data.encode_conversation(record["conversations"], tokenizer, "vicuna_v1", image_first)
+            assert ids[0] == 1 and ids.count(1) == 1 and ids.count(IMAGE_TOKEN_INDEX) == 1
+            text = tokenizer.decode([i for i in ids if i != IMAGE_TOKEN_INDEX], skip_special_tokens=False)
+            expected = data.render_conversation(record["conversations"], "vicuna_v1", image_first)
+            assert text == "<s>" + expected.replace("<image>", "")
+    assert data.stop_token_ids(tokenizer, "vicuna_v1") == [2]
+    assert tokenizer.decode([data.stop_token_ids(tokenizer, "plain")[0]]) == "\n"
+
+
+def test_transformers_auto_tokenizer_reads_the_special_tokens():
+    for directory, eos in ((LLAMA_DIR, 2), (CLIP_DIR, 4)):
+        hf = transformers.AutoTokenizer.from_pretrained(str(directory))
+        assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id) == (1, eos, 3, 0)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The shipped checkpoints: configs, both loaders, parity with transformers
+
+
+def test_clip_text_tower_pools_at_end_of_text_id_4_never_the_legacy_eos_2(tokenizer):
+    # transformers (and clip.py) read eos_token_id == 2 as a pre-2023 config and pool at argmax(input_ids) instead
+    text_config = json.loads((CLIP_DIR / "config.json").read_text())["text_config"]
+    assert (text_config["bos_token_id"], text_config["eos_token_id"], text_config["pad_token_id"]) == (1, 4, 3)
+    hf = transformers.CLIPModel.from_pretrained(str(CLIP_DIR), dtype=torch.float32).text_model.eval()
+    ids = make_bases.clip_ids(["A small red circle on a white background.", "A large blue square."], tokenizer, 64)
+    with torch.no_grad():
+        out = hf(input_ids=ids)
+    end = (ids == 4).int().argmax(1)
+    assert end[1] < ids.shape[1] - 1 and ids[1, -1] == 3  # the shorter text is padded after its end of text
+    torch.testing.assert_close(out.pooler_output, out.last_hidden_state[torch.arange(2), end])
+
+
+def test_llama_config_has_bos_1_eos_2_pad_3_and_tied_embeddings():
+    config = json.loads((LLAMA_DIR / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 3)
+    assert config["tie_word_embeddings"] and config["model_type"] == "llama"
+
+
+def world_batch(directory, tokenizer, count=6):
+    scenes = records(directory, "scenes.json")[-count:]
+    pixels = torch.stack([data.process_image(data.load_image(directory / s["image"]), world.IMAGE_SIZE)
+                          for s in scenes])
+    return pixels, make_bases.clip_ids([s["caption"] for s in scenes], tokenizer, 64)
+
+
+def test_shipped_clip_loads_in_our_loaders_and_transformers_with_equal_logits_and_features(tokenizer, unseen_world):
+    pixels, ids = world_batch(unseen_world, tokenizer)
+    ours = CLIP.from_pretrained(str(CLIP_DIR))
+    theirs = transformers.CLIPModel.from_pretrained(str(CLIP_DIR), dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, pixel_values=pixels, output_hidden_states=True)
+        torch.testing.assert_close(ours(pixels, ids), expected.logits_per_image, atol=1e-4, rtol=1e-4)
+        vision = CLIPVision.from_pretrained(str(CLIP_DIR))
+        torch.testing.assert_close(vision(pixels, layer=-2), expected.vision_model_output.hidden_states[-2],
+                                   atol=1e-5, rtol=1e-5)
+    assert vision.config.num_patches == 9  # one token per cell of the world's 3 x 3 grid
+
+
+def test_shipped_llama_loads_in_our_loader_and_transformers_with_equal_logits(tokenizer, unseen_world):
+    conversation = records(unseen_world, "val_stage2.json")[0]["conversations"]
+    ids, _ = data.encode_conversation(conversation, tokenizer, "vicuna_v1", image_first=True)
+    ids = torch.tensor([[i for i in ids if i != IMAGE_TOKEN_INDEX]])
+    ours = Llama.from_pretrained(str(LLAMA_DIR))
+    theirs = transformers.LlamaForCausalLM.from_pretrained(str(LLAMA_DIR), dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_preprocessor_config_gives_the_pixels_the_clip_was_trained_on(unseen_world):
+    image = data.load_image(unseen_world / "images" / "val_00000.png")
+    processor = transformers.CLIPImageProcessor.from_pretrained(str(CLIP_DIR))
+    hf_pixels = torch.tensor(processor(images=image, return_tensors="np")["pixel_values"][0])
+    torch.testing.assert_close(hf_pixels, data.process_image(image, world.IMAGE_SIZE), atol=1e-5, rtol=0)
+    settings = data.image_settings(str(CLIP_DIR))
+    assert settings == dict(size=world.IMAGE_SIZE, mean=data.CLIP_MEAN, std=data.CLIP_STD)
+
+
+def test_shipped_bases_are_stored_in_float16_and_small_enough_for_git():
+    from safetensors import safe_open
+    for directory in (CLIP_DIR, LLAMA_DIR):
+        with safe_open(str(directory / "model.safetensors"), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    assert sum(p.stat().st_size for p in BASES.rglob("*") if p.is_file()) < 11e6
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The shipped bases know the world (scenes they never saw)
+
+
+def test_shipped_clip_retrieves_unseen_scenes_and_each_cell_token_says_what_its_cell_holds(tokenizer, unseen_world):
+    scenes_json = records(unseen_world, "scenes.json")
+    scenes = [make_bases.scene_from_json(r) for r in scenes_json]
+    pixels = torch.stack([data.process_image(data.load_image(unseen_world / r["image"]), world.IMAGE_SIZE)
+                          for r in scenes_json])
+    is_train = torch.tensor([r["split"] == "train" for r in scenes_json])
+    figures = make_bases.clip_quality(CLIP.from_pretrained(str(CLIP_DIR)), tokenizer, scenes, pixels, is_train,
+                                      make_bases.Settings())
+    assert figures["retrieval"] >= 0.9  # 60 held-out pairs; about 0.98 measured among 256
+    for name in ("occupied", "shape", "color", "size", "cell"):  # 1.000 measured with the full world
+        assert figures[f"{name} own"] >= 0.95, (name, figures)
+
+
+def test_shipped_llama_knows_the_chat_format_and_answers_in_world_phrasing(tokenizer, unseen_world):
+    model = Llama.from_pretrained(str(LLAMA_DIR))
+    sequences = make_bases.lm_sequences(records(unseen_world, "val_stage2.json"), tokenizer, random.Random(0))
+    assert make_bases.llama_quality(model, sequences, make_bases.Settings())["loss"] < 0.35  # 0.24 measured
+    prompt = data.encode_prompt([{"from": "human", "value": "What color is the circle?"}], tokenizer)
+    answer = model.generate(torch.tensor([prompt]), max_new_tokens=16, stop_token_ids=[2])[0].tolist()
+    assert answer[-1] == 2
+    assert re.fullmatch(r" The circle is (%s)\." % "|".join(world.COLORS), tokenizer.decode(answer[:-1])), answer
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The script itself, at a tiny size
+
+
+def test_cell_sentence_is_the_detailed_description_sentence_and_pooling_is_one_patch_per_cell():
+    objects = (world.place("circle", "red", "large", 0, 0), world.place("square", "blue", "small", 1, 2))
+    scene = world.Scene("gray", objects)
+    sentences = [make_bases.cell_sentence(o, o.row, o.col) for o in scene.objects]
+    assert world.description(scene).endswith(" " + " ".join(sentences))
+    assert sentences == ["A large red circle is in the top left corner.", "A small blue square is on the right."]
+    config = make_bases.CLIPVisionConfig(image_size=world.IMAGE_SIZE, patch_size=make_bases.Settings().patch_size)
+    torch.testing.assert_close(make_bases.cell_pooling(config), torch.eye(9))
+
+
+def test_tiny_run_writes_bases_both_loaders_read_deterministically_from_the_seed(tmp_path, capsys):
+    for out in ("a", "b"):
+        make_bases.main(TINY + ["--out", str(tmp_path / out), "--world_root", str(tmp_path / "world")])
+    printed = capsys.readouterr().out
+    assert "clip step 2/2" in printed and "eta" in printed and "total" in printed
+    for name in ("clip", "llama"):
+        files = sorted(p.name for p in (tmp_path / "a" / name).iterdir())
+        assert files == sorted(["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+                               + (["preprocessor_config.json"] if name == "clip" else []))
+        for file in files:
+            assert (tmp_path / "a" / name / file).read_bytes() == (tmp_path / "b" / name / file).read_bytes(), file
+    assert not (tmp_path / "a" / "build").exists()
+    CLIP.from_pretrained(str(tmp_path / "a" / "clip"))
+    Llama.from_pretrained(str(tmp_path / "a" / "llama"))
+    transformers.CLIPModel.from_pretrained(str(tmp_path / "a" / "clip"))
+    transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "a" / "llama"))
+    assert json.loads((tmp_path / "a" / "clip" / "config.json").read_text())["text_config"]["eos_token_id"] == 4
