@@ -204,6 +204,11 @@ class TinyLLaVA(nn.Module):
         if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
             raise ValueError(f"{file}: not a tinyllava checkpoint (no 'config' and 'model' entries)")
         model = cls.from_bases(TinyLLaVAConfig(**checkpoint["config"]), dtype, device)
+        for tower, found in model.base_fingerprints().items():  # W is only meaningful on the towers it was trained on
+            if checkpoint.get("bases", {}).get(tower) != found:
+                path = getattr(model.config, f"{tower}_path")
+                raise ValueError(f"{file}: was trained on another {tower} checkpoint than the one now at {path} "
+                                 f"(fingerprint {checkpoint.get('bases', {}).get(tower)} there, {found} here)")
         model.load_trained_weights(checkpoint["model"], source=file)
         return model
 

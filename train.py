@@ -64,7 +64,7 @@ import torch.distributed as dist
 import world
 from data import TEMPLATES, Collator, LLaVADataset, ModalityLengthGroupedSampler, image_settings, load_tokenizer
 from llama import Block
-from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, REPO_DIR, TinyLLaVA, TinyLLaVAConfig, fingerprint, resolve
+from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TinyLLaVA, TinyLLaVAConfig, fingerprint, resolve
 
 
 @dataclass
@@ -317,7 +317,7 @@ def all_reduce_sum(values, runtime):
 
 def world_files(stage):
     """The shapes world's (train, held-out) files for a stage, generated on first use."""
-    directory = world.ensure_world(root=os.path.join(REPO_DIR, "cache", "world"))
+    directory = world.ensure_world()
     return str(directory / f"stage{stage}.json"), str(directory / f"val_stage{stage}.json")
 
 

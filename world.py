@@ -42,6 +42,7 @@ from data import BRIEF_DESCRIPTION_QUESTIONS, DETAILED_DESCRIPTION_QUESTIONS  # 
 # ----------------------------------------------------------------------------------------------------------------------
 # The world's constants. Changing any of them changes the cache key, so a stale world is never reused.
 
+DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache", "world")  # from any directory
 VERSION = 1  # bump when the renderer or the teacher changes in a way the constants below do not show
 
 IMAGE_SIZE = 64  # pixels, square RGB
@@ -487,7 +488,7 @@ def generate(directory, seed, n_train, n_heldout, eval_per_type):
     return manifest
 
 
-def world_directory(root="cache/world", seed=0, n_train=N_TRAIN_IMAGES, n_heldout=N_HELDOUT_IMAGES,
+def world_directory(root=DEFAULT_ROOT, seed=0, n_train=N_TRAIN_IMAGES, n_heldout=N_HELDOUT_IMAGES,
                     eval_per_type=EVAL_PER_TYPE):
     """root/v{VERSION}-seed{seed}-{hash of all the settings}: a change of constants or seed never reuses a stale
     world."""
@@ -495,7 +496,7 @@ def world_directory(root="cache/world", seed=0, n_train=N_TRAIN_IMAGES, n_heldou
     return Path(root) / f"v{VERSION}-seed{seed}-{digest.hexdigest()[:10]}"
 
 
-def ensure_world(root="cache/world", seed=0, n_train=N_TRAIN_IMAGES, n_heldout=N_HELDOUT_IMAGES,
+def ensure_world(root=DEFAULT_ROOT, seed=0, n_train=N_TRAIN_IMAGES, n_heldout=N_HELDOUT_IMAGES,
                  eval_per_type=EVAL_PER_TYPE):
     """The world's directory (see world_directory), generated on first use."""
     directory = world_directory(root, seed, n_train, n_heldout, eval_per_type)
@@ -538,7 +539,7 @@ def exact_match(prediction, answer):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Generate the shapes world and print a summary.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--root", default="cache/world")
+    parser.add_argument("--root", default=DEFAULT_ROOT)
     args = parser.parse_args()
     cached = world_directory(args.root, args.seed).exists()
     started = time.time()

@@ -238,3 +238,12 @@ def test_bad_checkpoints_are_refused_with_the_reason(tmp_path):
         model.load_trained_weights({"vision.class_embedding": model.vision.class_embedding.detach()})
     with pytest.raises(ValueError, match="HF LLaVA has only the mlp2x_gelu projector"):
         tiny_model(tmp_path, "linear").save_hf(str(tmp_path / "hf"))
+
+
+def test_checkpoint_on_changed_bases_is_refused_naming_the_tower(tmp_path):
+    model = tiny_model(tmp_path)
+    model.set_stage(1)
+    model.save(str(tmp_path / "ckpt.pt"))
+    save_tiny_bases(tmp_path, seed=5)  # the base directories now hold other weights
+    with pytest.raises(ValueError, match="trained on another vision checkpoint"):
+        TinyLLaVA.from_pretrained(str(tmp_path / "ckpt.pt"))
