@@ -1,13 +1,15 @@
 """
-Benchmarks: ours against transformers, measured side by side in one run. This machine is shared and noisy, so
-each figure is a ratio of medians over interleaved rounds (ours, theirs, ours, theirs, ...), never a bare time.
+Benchmarks, measured side by side in one run. This machine is shared and noisy, so each figure is a ratio of medians
+over interleaved rounds (ours, theirs, ours, theirs, ...), never a bare time.
 
     python bench.py models    # LLaMA and CLIP vision tower: forward+backward time and peak memory, ours / transformers
     python bench.py llava     # TinyLLaVA vs LlavaForConditionalGeneration: stage-2 train step; greedy tokens/s
+    python bench.py train     # train.py's stage-2 step: tokens/s, peak memory, FLOP/s over a plain matmul's
 
 Peak memory on the CPU is the rise of the process's peak resident memory during one step (Linux VmHWM, reset just
 before it); the script re-runs itself with glibc returning large blocks to the system, so freed memory shows.
 """
+import json
 import os
 import re
 import statistics
@@ -27,6 +29,7 @@ from llama import Llama  # noqa: E402
 from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TinyLLaVA  # noqa: E402
 
 ROUNDS = 5
+BASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bases")  # the shipped tiny default
 LLAMA = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
              num_key_value_heads=4, max_position_embeddings=2048)  # TinyLlama / Llama proportions, 4 layers
 VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=16, image_size=224,
@@ -151,12 +154,12 @@ def bench_train(directory):
     bfloat16 autocast, interleaved. FLOPs per step: train.step_flops (6 x weights x tokens for the LLM and W, attention
     terms, the frozen vision tower forward only), checked against torch's FlopCounterMode on one step.
     Two shapes: the realistic one above (CLIP ViT-L/14 proportions at 224 px, a TinyLlama-proportioned LLM), and the
-    tiny default's proportions (64 px images in 8 px patches, widths 128 and 256), which bf16 serves differently.
+    shipped tiny bases' own proportions (read from bases/*/config.json), which bf16 serves differently.
     """
-    tiny_llama = dict(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
-    tiny_vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                       image_size=64, patch_size=8)
+    with open(os.path.join(BASES, "llama", "config.json")) as f:
+        tiny_llama = {k: v for k, v in json.load(f).items() if k in LLAMA or k == "head_dim"}
+    with open(os.path.join(BASES, "clip", "config.json")) as f:
+        tiny_vision = {k: v for k, v in json.load(f)["vision_config"].items() if k in VISION}
     bench_train_shape(directory, "realistic", LLAMA, VISION, batch=2, text_length=256)
     bench_train_shape(directory, "tiny default", tiny_llama, tiny_vision, batch=16, text_length=200)
 

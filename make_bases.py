@@ -57,7 +57,7 @@ UNK, BOS, EOS, PAD, END_OF_TEXT = range(5)
 class Settings:
     """The defaults; each is also a command-line flag (--clip_steps 20)."""
     out: str = "bases"
-    world_root: str = "cache/world"
+    world_root: str = world.DEFAULT_ROOT
     world_seed: int = 0  # the default world train.py uses: the bases never see its held-out split
     n_train: int = world.N_TRAIN_IMAGES
     n_heldout: int = world.N_HELDOUT_IMAGES
