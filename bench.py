@@ -135,16 +135,60 @@ def bench_llava(directory):
             train_step(ours, lambda m: m(our_ids, pixels, our_labels)[1]),
             train_step(hf, lambda m: m(input_ids=hf_ids, pixel_values=pixels, labels=hf_labels).loss))
 
+    bench_generation("realistic", ours, hf, our_ids[0, :40].tolist(), pixels[:1])
+
+    # the shipped tiny default's proportions (bases/*/config.json), the model sample.py runs out of the box
+    with open(os.path.join(BASES, "llama", "config.json")) as f:
+        tiny_llama = {k: v for k, v in json.load(f).items() if k in LLAMA or k == "head_dim"}
+    with open(os.path.join(BASES, "clip", "config.json")) as f:
+        tiny_vision = {k: v for k, v in json.load(f)["vision_config"].items() if k in VISION}
+    tiny_image_token = tiny_llama["vocab_size"] - 1
+    tiny = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**tiny_vision), text_config=transformers.LlamaConfig(**tiny_llama),
+        image_token_index=tiny_image_token,
+        image_seq_length=(tiny_vision["image_size"] // tiny_vision["patch_size"]) ** 2))
+    tiny.save_pretrained(os.path.join(directory, "tiny-llava"))
+    tiny_ours = TinyLLaVA.from_pretrained(os.path.join(directory, "tiny-llava"))
+    tiny_text = torch.randint(5, tiny_image_token, (40,)).tolist()
+    bench_generation("tiny default", tiny_ours, tiny, tiny_text[:8] + [IMAGE_TOKEN_INDEX] + tiny_text[8:],
+                     torch.randn(1, 3, tiny_vision["image_size"], tiny_vision["image_size"]))
+
+
+def bench_generation(name, ours, hf, prompt, pixels, new_tokens=64):
+    """Greedy generation, batch 1, ours against transformers' generate on the same weights: the whole call (prefill
+    and new_tokens decoding steps), and the decoding rate alone (the call for new_tokens + 1 tokens minus the call
+    for 1 token, so prefill and the vision tower cancel out)."""
     ours.eval(), hf.eval()
     hf.generation_config.eos_token_id = None
-    new_tokens = 64
-    prompt_ours, prompt_hf = our_ids[:1, :40].tolist(), hf_ids[:1, :40 + num_image_tokens - 1]
-    ratio, _ = compare(
-        f"greedy generation of {new_tokens} tokens after a {40 + num_image_tokens - 1}-token prompt",
-        lambda: ours.generate(prompt_ours, pixels[:1], max_new_tokens=new_tokens),
-        lambda: hf.generate(input_ids=prompt_hf, pixel_values=pixels[:1], max_new_tokens=new_tokens,
-                            min_new_tokens=new_tokens, do_sample=False), unit="call")
-    print(f"generation speed (tokens/s), ours over transformers: {1 / ratio:.2f}")
+    image_token = hf.config.image_token_index
+    at = prompt.index(IMAGE_TOKEN_INDEX)
+    hf_prompt = torch.tensor([prompt[:at] + [image_token] * ours.num_image_tokens + prompt[at + 1:]])
+
+    def call(model, tokens):
+        if model is ours:
+            return lambda: ours.generate([prompt], pixels, max_new_tokens=tokens)
+        return lambda: hf.generate(input_ids=hf_prompt, pixel_values=pixels, max_new_tokens=tokens,
+                                   min_new_tokens=tokens, do_sample=False)
+    print(f"{name}: greedy generation, batch 1, {hf_prompt.shape[1]}-token prompt "
+          f"({ours.num_image_tokens} image tokens), LLM hidden {ours.llm.config.hidden_size}, vocab "
+          f"{ours.llm.config.vocab_size}")
+    whole, _ = compare(f"  {new_tokens} new tokens, whole call", call(ours, new_tokens), call(hf, new_tokens),
+                       unit="call")
+    times = {}
+    for model in (ours, hf):
+        call(model, 1)(), call(model, new_tokens + 1)()
+    for _ in range(ROUNDS):
+        for label, model in (("ours", ours), ("transformers", hf)):
+            for tokens in (1, new_tokens + 1):
+                start = time.perf_counter()
+                call(model, tokens)()
+                times.setdefault((label, tokens), []).append(time.perf_counter() - start)
+    per_token = {label: (statistics.median(times[label, new_tokens + 1]) - statistics.median(times[label, 1]))
+                 / new_tokens for label in ("ours", "transformers")}
+    print(f"  decoding alone: ours {1 / per_token['ours']:.0f} tokens/s, transformers "
+          f"{1 / per_token['transformers']:.0f} tokens/s")
+    print(f"  generation speed (tokens/s), ours over transformers: whole call {1 / whole:.2f}, decoding alone "
+          f"{per_token['transformers'] / per_token['ours']:.2f}")
 
 
 def bench_train(directory):

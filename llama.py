@@ -143,9 +143,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        x32 = x.float()  # normalized in float32 whatever the model dtype, the weight applied after the cast back
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # x / sqrt(mean(x^2) + eps)
-        return self.weight * x32.to(x.dtype)
+        # x / sqrt(mean(x^2) + eps), in float32 whatever the model dtype; the weight applied after the cast back
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class KVCache:
@@ -178,16 +177,16 @@ class Attention(nn.Module):
         self.out = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x, cos, sin, mask, cache):
-        q, k, v = self.qkv(x).split(self.split, dim=-1)
-        q = rearrange(q, "b t (h d) -> b h t d", d=self.head_dim)  # (B, n_head, T, head_dim)
-        k = rearrange(k, "b t (h d) -> b h t d", d=self.head_dim)  # (B, n_kv_head, T, head_dim)
+        qk, v = self.qkv(x).split([self.split[0] + self.split[1], self.split[2]], dim=-1)
+        qk = rearrange(qk, "b t (h d) -> b h t d", d=self.head_dim)  # (B, n_head + n_kv_head, T, head_dim)
+        q, k = apply_rotary(qk, cos, sin).split([self.n_head, self.n_kv_head], dim=1)  # both rotated in one go
         # v gets its own storage: attention keeps it for the backward pass, and a view would keep all of qkv alive
         v = rearrange(v, "b t (h d) -> b h t d", d=self.head_dim).contiguous()  # (B, n_kv_head, T, head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # (B, n_kv_head, T_past + T, head_dim)
         # softmax(q k^T / sqrt(head_dim)) v; query head j reads kv head j // (n_head / n_kv_head)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        # no mask: causal over the new tokens, or one new token that sees every cached one
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
                                            enable_gqa=self.n_kv_head != self.n_head)
         y = rearrange(y, "b h t d -> b t (h d)")  # (B, T, n_head * head_dim)
         return self.out(y)
@@ -221,6 +220,7 @@ class Llama(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.inverse_frequencies = None  # rope's, computed on first use (not a buffer: never saved or loaded)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -257,7 +257,7 @@ class Llama(nn.Module):
             position_ids = torch.arange(past, past + length, device=x.device).expand(batch, length)
         cos, sin = self.rotary_cos_sin(position_ids, x.dtype)
         mask = None  # None: plain causal attention (SDPA's is_causal, so CUDA may take the flash kernel)
-        if attention_mask is not None or past > 0:
+        if attention_mask is not None or (past > 0 and length > 1):
             query_positions = torch.arange(past, past + length, device=x.device)[:, None]  # (T, 1)
             key_positions = torch.arange(past + length, device=x.device)[None, :]  # (1, T_past + T)
             mask = key_positions <= query_positions  # (T, T_past + T) causal
@@ -277,12 +277,14 @@ class Llama(nn.Module):
 
     def rotary_cos_sin(self, position_ids, dtype):
         """cos and sin of the rotation angles position * inv_freq, (B, 1, T, head_dim), computed in float32."""
-        inv_freq = rope_inverse_frequencies(self.config, device=position_ids.device)
+        if self.inverse_frequencies is None or self.inverse_frequencies.device != position_ids.device:
+            self.inverse_frequencies = rope_inverse_frequencies(self.config, device=position_ids.device)  # once
+        inv_freq = self.inverse_frequencies  # (head_dim / 2,)
         angles = position_ids[..., None].float() * inv_freq  # (B, T, head_dim / 2)
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, head_dim)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate_stream(self, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens=32,
                         temperature=0.0, top_k=0, top_p=1.0, stop_token_ids=(), cache=None, use_cache=True,
                         generator=None):
@@ -307,12 +309,12 @@ class Llama(nn.Module):
         stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=embeds.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=embeds.device)
         next_input = embeds
+        # each row counts positions from its first real token, so left padding does not shift them
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T_total)
+        padded = not bool(attention_mask.all())
         for _ in range(max_new_tokens):
-            # each row counts positions from its first real token, so left padding does not shift them
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T_total)
             if use_cache:
                 new = next_input.shape[1]
-                padded = not bool(attention_mask.all())
                 logits = self(inputs_embeds=next_input, position_ids=positions[:, -new:], cache=cache,
                               attention_mask=attention_mask if padded else None, last_token_only=True)
             else:
@@ -325,8 +327,10 @@ class Llama(nn.Module):
             if bool(finished.all()):
                 return
             next_input = self.embed_tokens(token)[:, None]  # (B, 1, D)
-            embeds = torch.cat([embeds, next_input], dim=1)  # (B, T + 1, D), used only without cache
+            if not use_cache:
+                embeds = torch.cat([embeds, next_input], dim=1)  # (B, T + 1, D): the whole sequence again
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)  # (B, T_total + 1)
 
     def generate(self, *args, **kwargs):
         """generate_stream collected: the new tokens (B, N)."""

@@ -143,12 +143,13 @@ class TinyLLaVA(nn.Module):
         logits = self.llm(inputs_embeds=embeds)  # right padding needs no mask: causal attention never looks ahead
         if labels is None:
             return logits, None
-        # position t predicts token t + 1: the one place the labels are shifted
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                               ignore_index=IGNORE_INDEX)
+        # position t predicts token t + 1: the one place the labels are shifted (the labels, not the logits, so the
+        # (B, L, vocab) logits are never copied)
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, L): the last position predicts nothing
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate_stream(self, prompts, pixel_values=None, cache=None, **sampling):
         """
         Yield the next token of every prompt, (B,), step by step (Llama.generate_stream's sampling arguments:
