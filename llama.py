@@ -251,10 +251,10 @@ class Llama(nn.Module):
         cache: a KVCache; the new keys/values are appended and the cached ones attended to.
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, hidden_size)
-        batch, length = x.shape[:2]
+        length = x.shape[1]
         past = cache.length if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(past, past + length, device=x.device).expand(batch, length)
+            position_ids = torch.arange(past, past + length, device=x.device)[None]  # (1, T): shared by every row
         cos, sin = self.rotary_cos_sin(position_ids, x.dtype)
         mask = None  # None: plain causal attention (SDPA's is_causal, so CUDA may take the flash kernel)
         if attention_mask is not None or (past > 0 and length > 1):
@@ -276,7 +276,7 @@ class Llama(nn.Module):
         return self.lm_head(self.norm(x))
 
     def rotary_cos_sin(self, position_ids, dtype):
-        """cos and sin of the rotation angles position * inv_freq, (B, 1, T, head_dim), computed in float32."""
+        """cos and sin of the rotation angles position * inv_freq, (B or 1, 1, T, head_dim), computed in float32."""
         if self.inverse_frequencies is None or self.inverse_frequencies.device != position_ids.device:
             self.inverse_frequencies = rope_inverse_frequencies(self.config, device=position_ids.device)  # once
         inv_freq = self.inverse_frequencies  # (head_dim / 2,)
