@@ -5,6 +5,7 @@ over interleaved rounds (ours, theirs, ours, theirs, ...), never a bare time.
     python bench.py models    # LLaMA and CLIP vision tower: forward+backward time and peak memory, ours / transformers
     python bench.py llava     # TinyLLaVA vs LlavaForConditionalGeneration: stage-2 train step; greedy tokens/s
     python bench.py train     # train.py's stage-2 step: tokens/s, peak memory, FLOP/s over a plain matmul's
+    python bench.py lora      # train.py's stage-2 step with LoRA against full fine-tuning: peak memory and time
 
 Peak memory on the CPU is the rise of the process's peak resident memory during one step (Linux VmHWM, reset just
 before it); the script re-runs itself with glibc returning large blocks to the system, so freed memory shows.
@@ -268,11 +269,80 @@ def bench_train_shape(directory, name, llama, vision, batch, text_length):
         print(line)
 
 
+def bench_lora(directory):
+    """
+    train.py's stage-2 step with LoRA (LLaVA-1.5's finetune_lora.sh: r 128, alpha 256, dropout 0.05, adapters on every
+    linear layer of the LLM's blocks; W trains too) against full fine-tuning (W and the whole LLM), at the realistic
+    shape, without and with gradient checkpointing, interleaved. Peak memory of training beyond the frozen weights
+    both hold: the AdamW state (its tensors' bytes; it lives between steps) plus the rise of the process's peak
+    resident memory during a step (gradients, activations, measured); and with the weights counted too.
+    """
+    import train
+    torch.manual_seed(0)
+    paths = os.path.join(directory, "vision"), os.path.join(directory, "llama")
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)).save_pretrained(paths[0])
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).save_pretrained(paths[1])
+    common = dict(stage=2, vision_path=paths[0], llm_path=paths[1], template="vicuna_v1")
+    configs = {"LoRA": train.TrainConfig(**common, learning_rate=2e-4, projector_lr=2e-5, lora_r=128, lora_alpha=256),
+               "full": train.TrainConfig(**common, learning_rate=2e-5)}
+    models = {name: train.build_model(config, train.Runtime()) for name, config in configs.items()}
+    optimizers = {name: train.make_optimizer(models[name], config, train.Runtime())
+                  for name, config in configs.items()}
+    batch, text_length = 2, 256
+    text = torch.randint(3, LLAMA["vocab_size"], (batch, text_length))
+    input_ids = torch.cat([text[:, :8], torch.full((batch, 1), IMAGE_TOKEN_INDEX), text[:, 8:]], dim=1)
+    labels = input_ids.masked_fill(torch.arange(input_ids.shape[1]) < text_length // 2, IGNORE_INDEX)
+    micro_batch = dict(input_ids=input_ids, labels=labels, attention_mask=torch.ones_like(input_ids).bool(),
+                       pixel_values=torch.randn(batch, 3, VISION["image_size"], VISION["image_size"]),
+                       ids=[str(i) for i in range(batch)], skipped=[])
+    lengths = train.sequence_lengths(micro_batch, models["LoRA"].num_image_tokens)
+
+    def step(name, checkpointing):
+        def run():
+            models[name].llm.gradient_checkpointing = checkpointing
+            train.train_step(models[name], optimizers[name], [micro_batch], configs[name].learning_rate,
+                             train.Runtime())
+        return run
+    runs = {(name, checkpointing): step(name, checkpointing) for checkpointing in (False, True) for name in models}
+    for run in runs.values():  # warm-up; AdamW makes its state on the first step
+        run()
+    results = {key: [] for key in runs}
+    for _ in range(ROUNDS):
+        for key, run in runs.items():
+            results[key].append(measure(run))
+
+    def tensor_bytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+    trainable = {name: sum(p.numel() for p in model.parameters() if p.requires_grad) for name, model in models.items()}
+    weights = {name: tensor_bytes(model.parameters()) for name, model in models.items()}
+    state = {name: tensor_bytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+             for name, optimizer in optimizers.items()}
+    print(f"realistic shape: LLM hidden {LLAMA['hidden_size']} x {LLAMA['num_hidden_layers']} layers, vocab "
+          f"{LLAMA['vocab_size']}; vision hidden {VISION['hidden_size']} x {VISION['num_hidden_layers']} layers at "
+          f"{VISION['image_size']} px; batch {batch} x {lengths[0]} tokens; float32, {torch.get_num_threads()} threads")
+    print(f"  trainable parameters: LoRA {trainable['LoRA'] / 1e6:.1f} M (adapters r 128 on q,k,v,o,gate,up,down, "
+          f"and W), full {trainable['full'] / 1e6:.1f} M (W and the LLM); weights LoRA "
+          f"{weights['LoRA'] / 2**20:.0f} MiB, full {weights['full'] / 2**20:.0f} MiB; AdamW state LoRA "
+          f"{state['LoRA'] / 2**20:.0f} MiB, full {state['full'] / 2**20:.0f} MiB")
+    for checkpointing in (False, True):
+        seconds = {name: statistics.median(t for t, _ in results[name, checkpointing]) for name in models}
+        rise = {name: statistics.median(m for _, m in results[name, checkpointing]) for name in models}
+        training = {name: state[name] + rise[name] for name in models}
+        total = {name: weights[name] + training[name] for name in models}
+        print(f"  {'with' if checkpointing else 'without'} gradient checkpointing: step LoRA "
+              f"{seconds['LoRA'] * 1e3:.0f} ms, full {seconds['full'] * 1e3:.0f} ms, ratio "
+              f"{seconds['LoRA'] / seconds['full']:.3f} | step peak rise LoRA +{rise['LoRA'] / 2**20:.0f} MiB, full "
+              f"+{rise['full'] / 2**20:.0f} MiB | peak memory beyond the weights (AdamW state + step peak) LoRA "
+              f"{training['LoRA'] / 2**20:.0f} MiB, full {training['full'] / 2**20:.0f} MiB, ratio "
+              f"{training['LoRA'] / training['full']:.3f} | with the weights LoRA {total['LoRA'] / 2**20:.0f} MiB, "
+              f"full {total['full'] / 2**20:.0f} MiB, ratio {total['LoRA'] / total['full']:.3f}")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(int(os.environ.get("THREADS", 2)))
     transformers.logging.set_verbosity_error()
     which = sys.argv[1] if len(sys.argv) > 1 else ""
-    benches = {"models": bench_models, "llava": bench_llava, "train": bench_train}
+    benches = {"models": bench_models, "llava": bench_llava, "train": bench_train, "lora": bench_lora}
     if which not in benches:
         sys.exit(f"usage: python bench.py {{{','.join(benches)}}}")
     with tempfile.TemporaryDirectory() as directory, torch.inference_mode(False):

@@ -291,7 +291,7 @@ class CLIP(nn.Module):
     def save_pretrained(self, path):
         """Write a directory transformers loads as a CLIPModel."""
         os.makedirs(path, exist_ok=True)
-        save_hf_weights(hf_state_dict(self, clip_key_map(self.config)), path)
+        save_hf_weights(hf_state_dict(dict(self.named_parameters()), clip_key_map(self.config)), path)
         hf = dict(model_type="clip", architectures=["CLIPModel"], projection_dim=self.config.projection_dim,
                   logit_scale_init_value=self.config.logit_scale_init_value,
                   dtype=str(self.logit_scale.dtype).removeprefix("torch."),

@@ -9,6 +9,11 @@ It computes what transformers' LlamaForCausalLM computes on the same checkpoint 
 
 A block is pre-norm: x = x + Attention(RMSNorm(x)); x = x + SwiGLU(RMSNorm(x)). Attention uses rotary position
 embeddings and grouped-query attention (n_kv_head <= n_head key/value heads shared by groups of query heads).
+
+LoRA (at the end of this file) freezes the model and trains low-rank adapters on the blocks' linear layers instead:
+
+    model.add_lora(r=16, alpha=32, dropout=0.05, targets=("q", "v"))  # W x + (alpha / r) B A x on q and v
+    model.merge_lora()                                               # W <- W + (alpha / r) B A: a plain Llama again
 """
 import math
 import os
@@ -347,11 +352,55 @@ class Llama(nn.Module):
         return model
 
     def save_pretrained(self, path):
-        """Write a directory transformers loads as a LlamaForCausalLM."""
+        """Write a directory transformers loads as a LlamaForCausalLM (LoRA adapters folded into the weights)."""
         os.makedirs(path, exist_ok=True)
-        save_hf_weights(hf_state_dict(self, llama_key_map(self.config)), path)
+        save_hf_weights(hf_state_dict(self.plain_weights(), llama_key_map(self.config)), path)
         dtype = str(next(self.parameters()).dtype).removeprefix("torch.")
         write_json(dict(self.config.to_hf(), dtype=dtype), os.path.join(path, "config.json"))
+
+    # ---- LoRA ----
+
+    @property
+    def has_lora(self):
+        return any(isinstance(module, LoRALinear) for module in self.modules())
+
+    def add_lora(self, r, alpha, dropout, targets):
+        """Freeze every weight and put trainable LoRA adapters on the chosen linear layers of every block (targets:
+        names of LORA_TARGETS). Embeddings, norms and lm_head never get one."""
+        if self.has_lora:
+            raise ValueError("this Llama has LoRA adapters already: merge_lora() them first")
+        if r < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {r}")
+        self.requires_grad_(False)
+        rows = lora_rows(self.config)
+        for block in self.layers:
+            for layer_name in dict.fromkeys(rows[target][0] for target in targets):  # qkv once for q, k and v
+                parent_name, name = layer_name.split(".")
+                parent = block.get_submodule(parent_name)
+                parts = {target: rows[target][1:] for target in targets if rows[target][0] == layer_name}
+                setattr(parent, name, LoRALinear(getattr(parent, name), parts, r, alpha, dropout))
+
+    def merge_lora(self):
+        """Fold every adapter into its layer, W <- W + (alpha / r) B A: a plain Llama again, computing the same."""
+        for block in self.layers:
+            for parent in (block.attention, block.mlp):
+                for name, layer in list(parent.named_children()):
+                    if isinstance(layer, LoRALinear):
+                        with torch.no_grad():
+                            layer.weight.copy_(layer.merged_weight())
+                        with torch.device("meta"):  # a shell; it takes the (merged) parameters themselves
+                            plain = nn.Linear(layer.weight.shape[1], layer.weight.shape[0], bias=layer.bias is not None)
+                        plain.weight, plain.bias = layer.weight, layer.bias
+                        setattr(parent, name, plain)
+
+    def plain_weights(self):
+        """The parameters by name as a plain Llama holds them: adapters folded into their layers' weights, and left
+        out (what export writes)."""
+        weights = {name: p for name, p in self.named_parameters() if ".lora_" not in name}
+        for name, module in self.named_modules():
+            if isinstance(module, LoRALinear):
+                weights[f"{name}.weight"] = module.merged_weight()
+        return weights
 
 
 def sample_next_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
@@ -369,3 +418,72 @@ def sample_next_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=Non
         outside = probs.cumsum(dim=-1) - probs > top_p  # the tokens before them already reach top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): h = W x + (alpha / r) · B A x, W frozen, A (r, in) and B (out, r) trained, r << in, out
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # every linear layer of a block (peft's q_proj ... down_proj)
+
+
+def lora_targets(text):
+    """'q,v' (or transformers' 'q_proj,v_proj') -> ('q', 'v'); a name that matches no linear layer is an error."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name.removesuffix("_proj") not in LORA_TARGETS]
+    if unknown or not names:
+        raise ValueError(f"{', '.join(map(repr, unknown)) or 'nothing'} matches no linear layer of the LLM's blocks; "
+                         f"they are {', '.join(LORA_TARGETS)} (comma-separated; the vision tower, W, the embeddings "
+                         "and lm_head take no adapters)")
+    return tuple(dict.fromkeys(name.removesuffix("_proj") for name in names))
+
+
+def lora_rows(config):
+    """Where each target lives: (our linear layer in a block, its first row, its rows). Our layers fuse transformers'
+    matrices by rows: attention.qkv = q | k | v, mlp.gate_up = gate | up."""
+    q, kv, ffn = (config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim,
+                  config.intermediate_size)
+    return {"q": ("attention.qkv", 0, q), "k": ("attention.qkv", q, kv), "v": ("attention.qkv", q + kv, kv),
+            "o": ("attention.out", 0, config.hidden_size), "gate": ("mlp.gate_up", 0, ffn),
+            "up": ("mlp.gate_up", ffn, ffn), "down": ("mlp.down", 0, config.hidden_size)}
+
+
+class LoRALinear(nn.Module):
+    """
+    A frozen linear layer with trainable low-rank adapters: y = W x + b + (alpha / r) · B A dropout(x).
+
+    On a fused layer every target has its own A and B, and B A writes only that target's rows of W: adapters on q and
+    v are exactly peft's on transformers' q_proj and v_proj (k's rows untouched), and fold into those matrices.
+    A starts as nn.Linear initializes its weights (Kaiming uniform), B at zero, so the layer first computes W x + b
+    exactly. The weight and bias keep their names (and stay the same tensors), so checkpoints and key maps still fit.
+    """
+
+    def __init__(self, linear, parts, r, alpha, dropout):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias  # frozen
+        self.parts = parts  # {target: (first row, rows)}
+        self.r, self.scale = r, alpha / r
+        # one dropout mask per input, shared by the adapters reading it (q, k, v read the same x): one saved copy
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        factory = dict(device=linear.weight.device, dtype=linear.weight.dtype)
+        self.lora_A = nn.ParameterDict({target: nn.Parameter(torch.empty(r, linear.in_features, **factory))
+                                        for target in parts})
+        self.lora_B = nn.ParameterDict({target: nn.Parameter(torch.zeros(rows, r, **factory))
+                                        for target, (_, rows) in parts.items()})
+        for a in self.lora_A.values():
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear's (and peft's) initialization
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)  # (B, T, out): W x + b
+        # A x for every target at once (their A stacked: one pass over x), then each target's B A x into its rows
+        a_x = F.linear(self.dropout(x), torch.cat([self.lora_A[target] for target in self.parts]))  # (B, T, n * r)
+        for (target, (start, rows)), target_a_x in zip(self.parts.items(), a_x.split(self.r, dim=-1)):
+            y[..., start:start + rows].add_(F.linear(target_a_x, self.lora_B[target]), alpha=self.scale)  # (alpha/r) BAx
+        return y
+
+    def merged_weight(self):
+        """W + (alpha / r) · B A on each target's rows (summed in float32): the weight of the equivalent plain layer."""
+        weight = self.weight.detach().to(torch.float32, copy=True)
+        for target, (start, rows) in self.parts.items():
+            weight[start:start + rows] += self.scale * (self.lora_B[target].detach().float()
+                                                         @ self.lora_A[target].detach().float())
+        return weight.to(self.weight.dtype)

@@ -7,6 +7,7 @@ the held-out exact-match eval on the shapes world.
     python sample.py --image a.png b.png --prompt "How many shapes are there?"  # one batch, an answer per file
     python sample.py --image photo.png --chat                                 # multi-turn; an empty line or Ctrl-D ends
     python sample.py --ckpt out/stage1/ckpt.pt --image photo.png              # a stage-1 model captions the image
+    python sample.py --ckpt out/stage2-lora/ckpt.pt --image photo.png         # a LoRA run (adapters merged on load)
     python sample.py --hf llava-1.5-7b-hf --image photo.jpg --device cuda     # published LLaVA weights (HF layout)
     python sample.py --eval                                                   # held-out accuracy on the world
     python sample.py --eval --ckpt out/stage1/ckpt.pt --limit 70              # 70 questions, spread over the types
@@ -156,6 +157,7 @@ def load_model(path, device, dtype):
     print(f"loading {path} on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
     try:
         model = TinyLLaVA.from_pretrained(path, dtype=dtype, device=device).eval()
+        model.merge_lora()  # a LoRA checkpoint's adapters folded in: decoding costs what the plain model's does
         tokenizer = load_tokenizer(resolve(model.config.llm_path))  # an HF LLaVA directory holds its own
     except (FileNotFoundError, ValueError, pickle.UnpicklingError) as error:
         raise SampleError(f"cannot load {path}: {error}") from None

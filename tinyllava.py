@@ -9,20 +9,22 @@ tinyllava: the LLaVA model, the paper's Figure 1 in a few lines.
     from tinyllava import TinyLLaVA
     model = TinyLLaVA.from_pretrained("out/stage2/ckpt.pt")          # one of ours, or an HF LLaVA directory
     logits, loss = model(input_ids, pixel_values, labels)
+    model.add_lora(r=128, alpha=256, dropout=0.05)                   # LoRA: the LLM frozen, adapters train
+    model.merge_lora()                                               # the adapters folded into the LLM's weights
 
 Token ids hold one IMAGE_TOKEN_INDEX placeholder per image, at any position; the vocabulary is never touched.
 """
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from clip import CLIPVision, vision_config_from_hf, vision_key_map
-from llama import Llama, LlamaConfig, llama_key_map
+from llama import LORA_TARGETS, Llama, LlamaConfig, llama_key_map, lora_targets
 from weights import (atomic_write, checkpoint_keys, empty_model, hf_state_dict, load_hf_weights, read_config,
                      safetensors_files, save_hf_weights, write_json)
 
@@ -41,6 +43,13 @@ class TinyLLaVAConfig:
     template: str = "vicuna_v1"  # the conversation template the model is trained and prompted with
     image_aspect: str = "crop"  # 'crop' (CLIP) or 'pad' (LLaVA-1.5: expand to a square first)
     image_token_index: int | None = None  # the id HF LLaVA uses for image positions, once imported or exported
+    # what the trained weights sit on, loaded whole first: '' (the towers above, W fresh), or one of our checkpoints or
+    # an HF LLaVA directory whose LLM (and W, and vision tower) a LoRA run keeps
+    base: str = ""
+    lora_r: int = 0  # LoRA adapters' rank on the LLM's linear layers (0: no adapters)
+    lora_alpha: float = 0.0  # the adapters add (lora_alpha / lora_r) B A x
+    lora_dropout: float = 0.0  # on the adapters' input, in training
+    lora_targets: str = ",".join(LORA_TARGETS)  # which linear layers of each block have adapters
 
 
 class Projector(nn.Module):
@@ -67,6 +76,7 @@ class TinyLLaVA(nn.Module):
         self.vision = vision.requires_grad_(False).eval()  # g is frozen in both stages
         self.projector = Projector(config.projector, vision.config.hidden_size, llm.config.hidden_size, projector_bias)
         self.llm = llm
+        self.lora_merged = False  # merge_lora() changed the LLM's weights
 
     @property
     def num_image_tokens(self):
@@ -79,11 +89,28 @@ class TinyLLaVA(nn.Module):
         return self
 
     def set_stage(self, stage):
-        """Stage 1 (feature alignment) trains W only; stage 2 (end-to-end) trains W and the LLM. g never trains."""
+        """Stage 1 (feature alignment) trains W only; stage 2 (end-to-end) trains W and the LLM, or W and the LLM's
+        LoRA adapters when it has them (the LLM's own weights then stay frozen). g never trains."""
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
         self.projector.requires_grad_(True)
-        self.llm.requires_grad_(stage == 2)
+        lora = self.llm.has_lora
+        for name, param in self.llm.named_parameters():
+            param.requires_grad_(stage == 2 and (".lora_" in name if lora else True))
+
+    def add_lora(self, r, alpha, dropout=0.0, targets=",".join(LORA_TARGETS)):
+        """LoRA: freeze the LLM and give the chosen linear layers of its blocks trainable adapters (targets: some of
+        q, k, v, o, gate, up, down, comma-separated). The vision tower, W and lm_head get none; W trains on."""
+        self.llm.add_lora(r, alpha, dropout, lora_targets(targets))
+        self.config = replace(self.config, lora_r=r, lora_alpha=alpha, lora_dropout=dropout, lora_targets=targets)
+
+    def merge_lora(self):
+        """Fold the adapters into the LLM's weights (W <- W + (alpha / r) B A) for inference or export; the model
+        computes the same. Its LLM now differs from the base's, so save() keeps all of it."""
+        if self.llm.has_lora:
+            self.llm.merge_lora()
+            self.config = replace(self.config, lora_r=0)
+            self.lora_merged = True
 
     def image_features(self, pixel_values):
         """H_v = W · Z_v for a stack of images (N, 3, S, S) -> (N, num_image_tokens, llm hidden size)."""
@@ -204,22 +231,47 @@ class TinyLLaVA(nn.Module):
         checkpoint = torch.load(file, map_location="cpu", weights_only=True)
         if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
             raise ValueError(f"{file}: not a tinyllava checkpoint (no 'config' and 'model' entries)")
-        model = cls.from_bases(TinyLLaVAConfig(**checkpoint["config"]), dtype, device)
-        for tower, found in model.base_fingerprints().items():  # W is only meaningful on the towers it was trained on
-            if checkpoint.get("bases", {}).get(tower) != found:
-                path = getattr(model.config, f"{tower}_path")
-                raise ValueError(f"{file}: was trained on another {tower} checkpoint than the one now at {path} "
-                                 f"(fingerprint {checkpoint.get('bases', {}).get(tower)} there, {found} here)")
+        config = TinyLLaVAConfig(**checkpoint["config"])
+        if config.base and not os.path.exists(resolve(config.base)):
+            raise FileNotFoundError(f"{file}: sits on {config.base}, which is not there")
+        saved = checkpoint.get("bases", {})
+        for name, found in base_fingerprints(config).items():  # trained weights only fit what they were trained on
+            if saved.get(name) != found:
+                path = config.base if name == "base" else getattr(config, f"{name}_path")
+                raise ValueError(f"{file}: was trained on another {name} checkpoint than the one now at {path} "
+                                 f"(fingerprint {saved.get(name)} there, {found} here)")
+        model = cls.from_config(config, dtype, device)
         model.load_trained_weights(checkpoint["model"], source=file)
         return model
 
-    def load_trained_weights(self, weights, source="checkpoint"):
-        """Overlay trained tensors (W, and the LLM after stage 2) onto the model, strictly."""
+    @classmethod
+    def from_config(cls, config, dtype=torch.float32, device="cpu"):
+        """The model trained weights go over: the towers with a fresh W, or config.base loaded whole (its own
+        adapters, if any, merged in), then fresh LoRA adapters (B = 0) if config.lora_r."""
+        if not config.base:
+            model = cls.from_bases(config, dtype, device)
+        else:
+            model = cls.from_pretrained(resolve(config.base), dtype, device)
+            model.merge_lora()
+            fixed = {key: getattr(model.config, key) for key in ("vision_path", "llm_path", "projector",
+                                                                  "vision_feature_layer", "keep_class_token")}
+            for key, value in fixed.items():
+                if getattr(config, key) != value:
+                    raise ValueError(f"{config.base} has {key} {value!r}, not {getattr(config, key)!r}")
+            model.config = replace(config, image_token_index=model.config.image_token_index, lora_r=0)
+        if config.lora_r:
+            model.add_lora(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
+        return model
+
+    def load_trained_weights(self, weights, source="checkpoint", with_adapters=True):
+        """Overlay trained tensors (W, and the LLM or its LoRA adapters after stage 2) onto the model, strictly.
+        with_adapters=False: the adapters are new (a LoRA run starting from a checkpoint that had none)."""
         params = dict(self.named_parameters())
         unexpected = [name for name in weights if name not in params or name.startswith("vision.")]
         misshaped = [f"{name}: found {tuple(t.shape)}, expected {tuple(params[name].shape)}"
                      for name, t in weights.items() if name in params and t.shape != params[name].shape]
-        missing = [name for name in params if name.startswith("projector.") and name not in weights]
+        missing = [name for name in params if name not in weights
+                   and (name.startswith("projector.") or (with_adapters and ".lora_" in name))]
         if unexpected or misshaped or missing:
             raise ValueError("\n".join([f"{source}: checkpoint does not match the model"]
                                        + [f"  unexpected tensor: {n}" for n in unexpected]
@@ -230,20 +282,19 @@ class TinyLLaVA(nn.Module):
                 params[name].copy_(tensor)
 
     def trained_weights(self):
-        """What training changed: W always, the LLM when it trains (the vision tower comes from its base)."""
-        llm_trains = any(p.requires_grad for p in self.llm.parameters())
-        return {name: p.detach().cpu() for name, p in self.named_parameters()
-                if name.startswith("projector.") or (llm_trains and name.startswith("llm."))}
+        """What training changed: W always, and whatever else trains (the LLM, or only its LoRA adapters); the rest
+        comes from the bases. A merged LLM counts as changed."""
+        return {name: p.detach().cpu() for name, p in self.named_parameters() if p.requires_grad
+                or name.startswith("projector.") or (self.lora_merged and name.startswith("llm."))}
 
     def base_fingerprints(self):
-        return {"vision": fingerprint(resolve(self.config.vision_path)),
-                "llm": fingerprint(resolve(self.config.llm_path))}
+        return base_fingerprints(self.config)
 
     def save(self, path, weights=None, **extra):
         """Our checkpoint, loadable with torch.load(weights_only=True): config, the bases' identity, trained weights,
         and whatever else the caller adds (optimizer state, step...). Written atomically. weights: the trained tensors
         by name when the caller gathered them itself (a sharded model); by default trained_weights()."""
-        state = dict(config=asdict(self.config), bases=self.base_fingerprints(),
+        state = dict(config=asdict(self.config), bases=base_fingerprints(self.config),
                      model=self.trained_weights() if weights is None else weights, **extra)
         atomic_write(path, lambda tmp: torch.save(state, tmp))
 
@@ -255,11 +306,9 @@ class TinyLLaVA(nn.Module):
         key_map.update({f"llm.{k}": v for k, v in llama_key_map(self.llm.config, llm_prefix, lm_head).items()})
         return key_map
 
-    @classmethod
-    def from_hf(cls, path, dtype=torch.float32, device="cpu"):
-        """Import a transformers LlavaForConditionalGeneration directory: the published llava-hf layout
-        (vision_tower.vision_model.*, language_model.model.*) or transformers 5's (vision_tower.*,
-        model.vision_tower.*, model.language_model.*, lm_head.weight)."""
+    @staticmethod
+    def hf_config(path):
+        """Our config for a transformers LlavaForConditionalGeneration directory (both towers in it)."""
         hf = read_config(path)
         source = os.path.join(path, "config.json")
         if hf.get("model_type") != "llava":
@@ -271,9 +320,18 @@ class TinyLLaVA(nn.Module):
             raise ValueError(f"{source}: vision_feature_layer {layer!r} / select strategy {strategy!r} not supported")
         if hf.get("projector_hidden_act", "gelu") != "gelu":
             raise ValueError(f"{source}: projector_hidden_act {hf['projector_hidden_act']!r} not supported (gelu)")
-        config = TinyLLaVAConfig(vision_path=path, llm_path=path, projector="mlp2x_gelu", vision_feature_layer=layer,
-                                 keep_class_token=strategy == "full",
-                                 image_token_index=hf.get("image_token_index", hf.get("image_token_id")))
+        return TinyLLaVAConfig(vision_path=path, llm_path=path, projector="mlp2x_gelu", vision_feature_layer=layer,
+                               keep_class_token=strategy == "full",
+                               image_token_index=hf.get("image_token_index", hf.get("image_token_id")))
+
+    @classmethod
+    def from_hf(cls, path, dtype=torch.float32, device="cpu"):
+        """Import a transformers LlavaForConditionalGeneration directory: the published llava-hf layout
+        (vision_tower.vision_model.*, language_model.model.*) or transformers 5's (vision_tower.*,
+        model.vision_tower.*, model.language_model.*, lm_head.weight)."""
+        config = cls.hf_config(path)
+        hf = read_config(path)
+        source = os.path.join(path, "config.json")
         vision = empty_model(CLIPVision, vision_config_from_hf(hf, source), dtype, device)
         llm = empty_model(Llama, LlamaConfig.from_hf(hf["text_config"], source), dtype, device)
         llm.tie_weights()
@@ -300,13 +358,16 @@ class TinyLLaVA(nn.Module):
     def save_hf(self, path, tokenizer_path=None):
         """
         Export as a LlavaForConditionalGeneration directory (the published llava-hf layout), with tokenizer.json.
+        LoRA adapters are folded into the LLM's weights on the way (the model itself keeps them): a plain LLaVA.
         transformers' LLaVA needs an in-vocabulary id for image positions: if the model has none yet, one row
         ('<image>') is appended to the embeddings and the output head, initialized to their means as llava-hf did.
         """
         if self.config.projector != "mlp2x_gelu":
             raise ValueError(f"HF LLaVA has only the mlp2x_gelu projector; this model uses {self.config.projector!r}")
         os.makedirs(path, exist_ok=True)
-        tensors = hf_state_dict(self, self.hf_key_map())
+        weights = {name: p for name, p in self.named_parameters() if not name.startswith("llm.")}
+        weights.update({f"llm.{name}": tensor for name, tensor in self.llm.plain_weights().items()})
+        tensors = hf_state_dict(weights, self.hf_key_map())
         text_config = self.llm.config.to_hf()
         image_token_index = self.config.image_token_index
         if image_token_index is None:
@@ -346,11 +407,26 @@ def resolve(path):
 
 
 def fingerprint(path):
-    """A short identity of a checkpoint directory: its config and the first megabyte of its weights, hashed.
+    """A short identity of a checkpoint: for an HF directory its config and the first megabyte of its weights, for one
+    of ours (ckpt.pt or its directory) its config and the first 4096 values of every trained tensor, hashed.
     Two different fine-tunes of one architecture differ in the weights, so they get different fingerprints."""
     digest = hashlib.sha256()
-    with open(os.path.join(path, "config.json"), "rb") as f:
-        digest.update(f.read())
-    with open(safetensors_files(path)[0], "rb") as f:
-        digest.update(f.read(1 << 20))
+    if os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json"), "rb") as f:
+            digest.update(f.read())
+        with open(safetensors_files(path)[0], "rb") as f:
+            digest.update(f.read(1 << 20))
+        return digest.hexdigest()[:16]
+    file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)  # reads only what is hashed
+    digest.update(json.dumps(checkpoint["config"], sort_keys=True).encode())
+    for name, tensor in sorted(checkpoint["model"].items()):
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.flatten()[:4096].contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def base_fingerprints(config):
+    """The identities of what a model's trained weights sit on: its base if it has one, and its towers."""
+    found = {"base": fingerprint(resolve(config.base))} if config.base else {}
+    return dict(found, vision=fingerprint(resolve(config.vision_path)), llm=fingerprint(resolve(config.llm_path)))

@@ -11,6 +11,7 @@ The shipped tiny default (the tiny bases in bases/ and the shapes world, generat
     python train.py --stage 2 --init out/stage1/ckpt.pt    # -> out/stage2/ckpt.pt (W and the LLM)
     python train.py --stage 2 --resume                     # go on from out/stage2/ckpt.pt where it stopped
     python train.py --stage 2 --out_dir out/stage2-alone   # stage 2 alone, W from scratch (the paper's ablation)
+    python train.py --stage 2 --init out/stage1/ckpt.pt --lora_r 16 --out_dir out/stage2-lora  # LoRA: W and adapters
     python train.py --stage 1 --max_steps 5 --log_interval 1 --out_dir /tmp/s1   # any TrainConfig field
     python train.py --stage 1 --dtype bfloat16 --threads 1 # bf16 autocast on a CPU with AVX512-bf16/AMX (1.5-1.8x
                                                            # faster here); 1 thread when others load the cores
@@ -63,15 +64,17 @@ import torch.distributed as dist
 
 import world
 from data import TEMPLATES, Collator, LLaVADataset, ModalityLengthGroupedSampler, image_settings, load_tokenizer
-from llama import Block
-from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TinyLLaVA, TinyLLaVAConfig, fingerprint, resolve
+from llama import Block, lora_targets
+from tinyllava import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, TinyLLaVA, TinyLLaVAConfig, base_fingerprints, fingerprint,
+                       resolve)
 
 
 @dataclass
 class TrainConfig:
     # what to train
     stage: int = 1  # 1: feature alignment (W only); 2: end-to-end (W and the LLM)
-    init: str = ""  # stage 2: the stage-1 ckpt.pt to take W from ("": a fresh W, the paper's no-stage-1 ablation)
+    init: str = ""  # stage 2: the stage-1 ckpt.pt to take W from ("": a fresh W, the paper's no-stage-1 ablation),
+    # or a stage-2 ckpt.pt or an HF LLaVA directory (LlavaForConditionalGeneration) to go on from
     resume: bool = False  # continue <out_dir>/ckpt.pt: weights, optimizer, schedule, data position, RNG states
     out_dir: str | None = None  # per stage (STAGE_DEFAULTS): ckpt.pt and log.jsonl go here
     # the model; stage 2 with --init takes these five from the stage-1 checkpoint unless they are given
@@ -120,6 +123,14 @@ class TrainConfig:
     pin_memory: bool = True  # page-locked batches for faster copies to the GPU (CUDA only)
     threads: int = 0  # torch CPU threads per process (0: torch's default)
     peak_flops: float = 0.0  # the accelerator's peak FLOP/s for MFU (0: looked up from the GPU's name)
+    # LoRA (stage 2; Hu et al. 2021): the LLM stays frozen and low-rank adapters on its blocks' linear layers train
+    # with W, W x + (lora_alpha / lora_r) B A x. LLaVA-1.5's finetune_lora.sh: r 128, alpha 256, dropout 0.05,
+    # learning rate 2e-4, projector lr 2e-5. Checkpoints hold W and the adapters, and name what they sit on
+    lora_r: int = 0  # the adapters' rank (0: no LoRA, the whole LLM trains)
+    lora_alpha: float = 0.0  # the adapters' scale is lora_alpha / lora_r (0: twice lora_r, LLaVA-1.5's ratio)
+    lora_dropout: float = 0.05  # dropout on the adapters' input
+    lora_targets: str = "q,k,v,o,gate,up,down"  # the linear layers of every block that get adapters
+    projector_lr: float = 0.0  # W's peak learning rate, same schedule (LLaVA's mm_projector_lr; 0: --learning_rate)
 
 
 # Where the recipe differs between the stages; values for the shipped tiny default (real-scale values: see above).
@@ -186,6 +197,17 @@ def parse_value(key, kind, text):
         raise Stop(f"--{key} expects {'an' if kind is int else 'a'} {kind.__name__}, got {text!r}") from None
 
 
+def load_init(path):
+    """--init: one of our checkpoints, or an HF LLaVA directory, read as a checkpoint that trained nothing yet."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        try:
+            model_config = TinyLLaVA.hf_config(path)
+        except ValueError as error:
+            raise Stop(f"--init: {error}") from None
+        return dict(config=asdict(model_config), bases=base_fingerprints(model_config), model={}, hf=True)
+    return load_checkpoint(path, "--init")
+
+
 def load_checkpoint(path, what):
     if not os.path.isfile(path):
         raise Stop(f"{what}: {path} does not exist")
@@ -202,6 +224,11 @@ def make_config(argv):
     stage = overrides.get("stage", TrainConfig.stage)
     if stage not in STAGE_DEFAULTS:
         raise Stop(f"--stage must be 1 or 2, got {stage}")
+    for key in (key for key in overrides if key.startswith("lora_")):
+        if stage == 1:
+            raise Stop(f"--{key}: LoRA adapts the LLM, which stage 1 keeps frozen (only W trains); use it in stage 2")
+        if key != "lora_r" and not overrides.get("lora_r"):
+            raise Stop(f"--{key} does nothing without --lora_r (the adapters' rank; 0 turns LoRA off)")
     config = TrainConfig(**{**STAGE_DEFAULTS[stage], **overrides})
     resumed = init = None
     if config.resume:
@@ -215,7 +242,7 @@ def make_config(argv):
                        "start a new run (with --init) to change the recipe")
         config = TrainConfig(**{**saved, "stop_at_step": TrainConfig.stop_at_step, **overrides})  # stops once
     elif config.init and config.stage == 2:
-        init = load_checkpoint(config.init, "--init")
+        init = load_init(config.init)
         for key in MODEL_FIELDS:
             if key not in overrides:
                 setattr(config, key, init["config"][key])
@@ -243,6 +270,15 @@ def check_config(config):
         raise Stop(f"--warmup_ratio must be in [0, 1), got {config.warmup_ratio}")
     if config.stage == 1 and config.init:
         raise Stop("--init takes a stage-1 checkpoint for stage 2; stage 1 starts W from scratch")
+    for key in ("lora_r", "lora_alpha", "projector_lr"):
+        if getattr(config, key) < 0:
+            raise Stop(f"--{key} must be at least 0, got {getattr(config, key)}")
+    if not 0 <= config.lora_dropout < 1:
+        raise Stop(f"--lora_dropout must be in [0, 1), got {config.lora_dropout}")
+    try:
+        lora_targets(config.lora_targets)
+    except ValueError as error:
+        raise Stop(f"--lora_targets {config.lora_targets!r}: {error}") from None
 
 
 def help_text():
@@ -347,9 +383,11 @@ def epoch_plan(lengths, config, epoch, grad_accum, runtime):
 
 
 def loader(dataset, batches, collator, config, runtime):
+    # its own generator: a DataLoader draws a seed from torch's global one at every iter(), which would shift the LoRA
+    # dropout masks of a resumed run (it makes an iterator mid-epoch, the uninterrupted run does not)
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collator,
-                                       num_workers=config.num_workers,
-                                       pin_memory=config.pin_memory and runtime.device.type == "cuda")
+                                       num_workers=config.num_workers, generator=torch.Generator().manual_seed(
+                                           config.seed), pin_memory=config.pin_memory and runtime.device.type == "cuda")
 
 
 def supervised_tokens(batch):
@@ -380,11 +418,19 @@ def model_inputs(batch, runtime):
 
 
 def make_optimizer(model, config, runtime):
-    """AdamW over the trainable parameters, weight decay on matrices only: no decay on biases and norm weights (all
-    1-D parameters). Call it before FSDP wraps the model: it flattens the parameters it shards."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in trainable if p.ndim >= 2], weight_decay=config.weight_decay),
-              dict(params=[p for p in trainable if p.ndim < 2], weight_decay=0.0)]
+    """AdamW over the trainable parameters only (W, and the LLM or its LoRA adapters: the frozen weights get neither
+    gradients nor optimizer state), weight decay on matrices only: no decay on biases and norm weights (all 1-D
+    parameters). With --projector_lr, W's groups peak there instead (lr_scale), on the same schedule. Call it before
+    FSDP wraps the model: it flattens the parameters it shards."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    by_scale = {1.0: [p for name, p in trainable]}
+    if config.projector_lr and config.projector_lr != config.learning_rate:
+        by_scale = {1.0: [p for name, p in trainable if not name.startswith("projector.")],
+                    config.projector_lr / config.learning_rate: [p for name, p in trainable
+                                                                 if name.startswith("projector.")]}
+    groups = [group for scale, params in by_scale.items() for group in (
+        dict(params=[p for p in params if p.ndim >= 2], weight_decay=config.weight_decay, lr_scale=scale),
+        dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0, lr_scale=scale)) if group["params"]]
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), eps=config.adam_eps,
                              fused=runtime.device.type == "cuda")
 
@@ -441,7 +487,7 @@ def train_step(model, optimizer, micro_batches, lr, runtime, grad_clip=1.0):
     stats["grad_norm"] = float(norm)
     if math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]):
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints from before --projector_lr have no lr_scale
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return stats
@@ -477,8 +523,9 @@ def step_flops(model, lengths, num_images):
     Matmul FLOPs of one training forward and backward pass over sequences of `lengths` (image tokens included) with
     `num_images` images, counted as in the PaLM paper: 2 per weight per token forward; backward 2 more for the
     activation gradients and 2 for the weight gradients of weights that train (the frozen LLM of stage 1 still
-    passes gradients back to W); attention 4·d·L per token per layer forward (q·kᵀ and attention·v over all L
-    positions, the causal half not discounted), twice that backward; the frozen vision tower forward only.
+    passes gradients back to W, and so does a LoRA run's, whose adapters count 6 per weight); attention 4·d·L per
+    token per layer forward (q·kᵀ and attention·v over all L positions, the causal half not discounted), twice that
+    backward; the frozen vision tower forward only.
     """
     llm, vision = model.llm.config, model.vision.config
     attention_width = llm.num_attention_heads * llm.head_dim
@@ -486,9 +533,11 @@ def step_flops(model, lengths, num_images):
         llm.hidden_size * (attention_width + 2 * llm.num_key_value_heads * llm.head_dim)  # qkv
         + attention_width * llm.hidden_size + 3 * llm.hidden_size * llm.intermediate_size  # out, SwiGLU
     ) + llm.hidden_size * llm.vocab_size  # the output head
-    llm_factor = 6 if any(p.requires_grad for p in model.llm.parameters()) else 4
+    llm_factor = 6 if any(p.requires_grad for name, p in model.llm.named_parameters() if ".lora_" not in name) else 4
+    adapter_weights = sum(p.numel() for name, p in model.llm.named_parameters() if ".lora_" in name)
     tokens, squares = sum(lengths), sum(length ** 2 for length in lengths)
-    flops = llm_factor * llm_weights * tokens + 3 * 4 * attention_width * llm.num_hidden_layers * squares
+    flops = (llm_factor * llm_weights + 6 * adapter_weights) * tokens \
+        + 3 * 4 * attention_width * llm.num_hidden_layers * squares
     projector_weights = vision.hidden_size * llm.hidden_size + (
         llm.hidden_size ** 2 if model.config.projector == "mlp2x_gelu" else 0)
     flops += 6 * projector_weights * num_images * model.num_image_tokens
@@ -513,7 +562,14 @@ def peak_flops(config, runtime):
 
 
 def check_bases(checkpoint, source, config):
-    """Refuse a checkpoint whose W was aligned on other towers than the ones this run is given (by content)."""
+    """Refuse a checkpoint whose W was aligned on other towers than the ones this run is given (by content), or that
+    sits on a base (a LoRA run's) which changed since."""
+    base = checkpoint["config"].get("base", "")
+    if base and not os.path.exists(resolve(base)):
+        raise Stop(f"{source} sits on {base}, which is not there any more")
+    if base and checkpoint["bases"].get("base") != fingerprint(resolve(base)):
+        raise Stop(f"{source} sits on {base}, which changed since (by content): its trained weights only fit the "
+                   "base they were trained on")
     here = {"vision": fingerprint(resolve(config.vision_path)), "llm": fingerprint(resolve(config.llm_path))}
     different = [name for name in ("vision", "llm") if checkpoint["bases"].get(name) != here[name]]
     if different:
@@ -525,16 +581,36 @@ def check_bases(checkpoint, source, config):
                    "--init to start W fresh")
 
 
-def build_model(config, runtime, weights=None, source=""):
-    """TinyLLaVA from the bases, set for the stage, with trained weights (W, or W and the LLM) put over it."""
-    torch.manual_seed(config.seed)  # W's initialization: the same in every process and every run
-    model_config = TinyLLaVAConfig(**{key: getattr(config, key) for key in MODEL_FIELDS}, template=config.template,
-                                   image_aspect=config.image_aspect)
+def run_base(config, init, resumed):
+    """What the run sits on beyond the towers at vision_path and llm_path, loaded whole ("": nothing). A resumed run
+    keeps its own. A new one sits on its --init when that is an HF LLaVA directory, or a checkpoint that sits on a
+    base itself or holds LoRA adapters, or, for a LoRA run, holds a trained LLM (stage 2) that LoRA keeps frozen.
+    Otherwise the --init's trained tensors (W; W and the LLM) are simply put over the towers and trained on."""
+    if resumed is not None:
+        return resumed["config"].get("base", "")
+    if init is None:
+        return ""
+    trained = init["model"].keys()
+    if (init.get("hf") or init["config"].get("base") or any(".lora_" in name for name in trained)
+            or (config.lora_r and any(name.startswith("llm.") for name in trained))):
+        return config.init
+    return ""
+
+
+def build_model(config, runtime, weights=None, source="", base="", with_adapters=True):
+    """TinyLLaVA from the bases (or whole from `base`), with LoRA adapters if asked, set for the stage, with trained
+    weights (W, or W and the LLM or its adapters) put over it."""
+    torch.manual_seed(config.seed)  # W's and the adapters' initialization: the same in every process and every run
+    model_config = TinyLLaVAConfig(
+        **{key: getattr(config, key) for key in MODEL_FIELDS}, template=config.template,
+        image_aspect=config.image_aspect, base=base, lora_r=config.lora_r,
+        lora_alpha=config.lora_alpha or 2 * config.lora_r, lora_dropout=config.lora_dropout,
+        lora_targets=config.lora_targets)
     # FSDP shards the model from the CPU onto the GPU block by block, so a model too big for one GPU can start
-    model = TinyLLaVA.from_bases(model_config, device="cpu" if config.fsdp else runtime.device)
+    model = TinyLLaVA.from_config(model_config, device="cpu" if config.fsdp else runtime.device)
     model.set_stage(config.stage)
     if weights is not None:
-        model.load_trained_weights(weights, source=source)
+        model.load_trained_weights(weights, source=source, with_adapters=with_adapters)
     model.llm.gradient_checkpointing = config.gradient_checkpointing
     return model.train()
 
@@ -642,16 +718,18 @@ def train(config, runtime, resumed=None, init=None):
     except (OSError, ValueError) as error:
         raise Stop(str(error)) from None
 
-    # model: the bases, W fresh or from --init, or everything trained so far from --resume
+    # model: the bases (or the base a LoRA run sits on), W fresh or from --init, or everything trained so far from
+    # --resume
     if init is not None:
         check_bases(init, config.init, config)
     if resumed is not None:
         check_bases(resumed, checkpoint_path, config)
-    trained = resumed or init
-    if config.stage == 2 and trained is None:
+    base = run_base(config, init, resumed)
+    trained = resumed if resumed is not None else init if not base else None  # a base comes whole, nothing to add
+    if config.stage == 2 and resumed is None and init is None:
         print("note: stage 2 without --init: W starts from scratch (the paper's ablation without stage 1)")
     try:  # bases that do not load, or trained weights that do not fit them
-        raw = build_model(config, runtime, trained and trained["model"],
+        raw = build_model(config, runtime, trained and trained["model"], base=base, with_adapters=resumed is not None,
                           source=checkpoint_path if resumed is not None else config.init)
     except (OSError, ValueError) as error:
         raise Stop(str(error)) from None
@@ -688,9 +766,11 @@ def train(config, runtime, resumed=None, init=None):
           f"{' (FSDP)' if config.fsdp else ' (DDP)' if runtime.distributed else ''}"
           + (" | compiled" if config.compile else "")
           + (" | gradient checkpointing" if config.gradient_checkpointing else ""))
+    what = "W" if config.stage == 1 else "W and the LLM" if not config.lora_r else (
+        f"W and LoRA adapters: r {config.lora_r}, alpha {raw.config.lora_alpha:g} on {config.lora_targets}")
     print(f"model: vision {config.vision_path}, LLM {config.llm_path}, projector {config.projector}"
-          + (f" from {config.init}" if init is not None else "")
-          + f" | {trainable:,} trainable parameters ({'W' if config.stage == 1 else 'W and the LLM'})")
+          + (f" from {config.init}" if init is not None else "") + (f", sitting on {base}" if base else "")
+          + f" | {trainable:,} trainable parameters ({what})")
     print(f"data: {data_path}, {len(dataset):,} samples, template {config.template}, image {config.image_aspect} | "
           + (f"held out: {val_data_path}, {len(val_dataset):,} samples" if val_dataset else "no held-out data"))
     print(f"steps: {total_steps} ({steps_per_epoch} per epoch) | global batch {config.global_batch_size} = "

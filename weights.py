@@ -116,9 +116,8 @@ def load_hf_weights(model, path, key_map, owned_prefixes=("",), ignored_suffixes
     return model
 
 
-def hf_state_dict(model, key_map):
-    """The inverse of load_hf_weights: our parameters renamed (and fused ones split) into HF's names."""
-    params = dict(model.named_parameters())
+def hf_state_dict(params, key_map):
+    """The inverse of load_hf_weights: our parameters (a dict by name) renamed, and fused ones split, into HF's names."""
     out = {}
     for our_name, source in key_map.items():
         tensor = params[our_name].detach()
