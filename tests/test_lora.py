@@ -247,8 +247,8 @@ def test_lora_checkpoint_on_an_hf_llava_directory_that_changed_is_refused_naming
     (["--stage", "2", "--lora_r", "8", "--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1), got 1.5"),
     (["--stage", "2", "--projector_lr", "-1e-3"], "--projector_lr must be at least 0"),
 ])
-def test_bad_lora_flags_fail_with_one_line_naming_the_flag(argv, message):
-    with pytest.raises(SystemExit) as error:
-        train.main(argv)
+def test_bad_lora_flags_fail_with_one_line_naming_the_flag(argv, message, tmp_path):
+    with pytest.raises(SystemExit) as error:  # a missing refusal fails fast too: there is no data to train on
+        train.main(argv + ["--data_path", str(tmp_path / "missing.json")])
     assert str(error.value).startswith("train.py: ") and message in str(error.value)
     assert "\n" not in str(error.value)
