@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clip import CLIPVision, vision_config_from_hf, vision_key_map
-from llama import LORA_TARGETS, Llama, LlamaConfig, llama_key_map, lora_targets
+from llama import LORA_TARGETS, Llama, LlamaConfig, LoRALinear, llama_key_map, lora_targets
 from weights import (atomic_write, checkpoint_keys, empty_model, hf_state_dict, load_hf_weights, read_config,
                      safetensors_files, save_hf_weights, write_json)
 
@@ -103,6 +103,20 @@ class TinyLLaVA(nn.Module):
         q, k, v, o, gate, up, down, comma-separated). The vision tower, W and lm_head get none; W trains on."""
         self.llm.add_lora(r, alpha, dropout, lora_targets(targets))
         self.config = replace(self.config, lora_r=r, lora_alpha=alpha, lora_dropout=dropout, lora_targets=targets)
+
+    def store_frozen_linears_in(self, dtype):
+        """Keep the frozen linear layers' weights (the vision tower's; the LLM's blocks' and lm_head under LoRA) in
+        `dtype`. Autocast to that dtype rounds them to it for every matmul anyway, so the results are the same, bit
+        for bit, in half the memory (LLaVA keeps its LoRA base in bf16 too). Embeddings (and an lm_head tied to
+        them, whose lookups feed the float32 residual stream), norms and whatever trains keep their dtype."""
+        embeddings = self.llm.embed_tokens.weight
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, LoRALinear)) and not module.weight.requires_grad \
+                    and module.weight is not embeddings:
+                for name in ("weight", "bias"):
+                    if getattr(module, name) is not None:
+                        setattr(module, name, nn.Parameter(getattr(module, name).detach().to(dtype),
+                                                           requires_grad=False))
 
     def merge_lora(self):
         """Fold the adapters into the LLM's weights (W <- W + (alpha / r) B A) for inference or export; the model

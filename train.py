@@ -609,6 +609,8 @@ def build_model(config, runtime, weights=None, source="", base="", with_adapters
     # FSDP shards the model from the CPU onto the GPU block by block, so a model too big for one GPU can start
     model = TinyLLaVA.from_config(model_config, device="cpu" if config.fsdp else runtime.device)
     model.set_stage(config.stage)
+    if config.lora_r and runtime.autocast_dtype is not None and not config.fsdp:  # FSDP wants one dtype per block
+        model.store_frozen_linears_in(runtime.autocast_dtype)  # the same results in half the memory
     if weights is not None:
         model.load_trained_weights(weights, source=source, with_adapters=with_adapters)
     model.llm.gradient_checkpointing = config.gradient_checkpointing

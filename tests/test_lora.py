@@ -1,6 +1,7 @@
 """LoRA: the adapters' arithmetic against hand-computed values, merging, export to transformers, and train.py's LoRA
 runs from a stage-1 checkpoint, from one of our stage-2 checkpoints and from a transformers-built LLaVA directory:
 what trains, what is saved, exact resume, and the refusals."""
+import copy
 import io
 import os
 from contextlib import redirect_stdout
@@ -252,3 +253,23 @@ def test_bad_lora_flags_fail_with_one_line_naming_the_flag(argv, message, tmp_pa
         train.main(argv + ["--data_path", str(tmp_path / "missing.json")])
     assert str(error.value).startswith("train.py: ") and message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_frozen_linears_stored_in_bf16_give_the_same_logits_and_gradients_under_bf16_autocast(tmp_path):
+    model = lora_model(tmp_path, dropout=0.0).train()
+    stored = copy.deepcopy(model)
+    stored.store_frozen_linears_in(torch.bfloat16)
+    assert stored.llm.layers[0].attention.qkv.weight.dtype == torch.bfloat16
+    assert stored.vision.layers[0].mlp.fc1.weight.dtype == torch.bfloat16
+    assert stored.llm.layers[0].attention.qkv.lora_A["q"].dtype == torch.float32  # what trains stays float32
+    input_ids = torch.tensor([PROMPTS[0]])
+    labels = input_ids.masked_fill(torch.arange(input_ids.shape[1]) < 4, IGNORE_INDEX)
+    results = []
+    for each in (model, stored):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, loss = each(input_ids, pixels(1), labels)
+        loss.backward()
+        results.append((logits, {n: p.grad for n, p in each.named_parameters() if p.requires_grad}))
+    assert torch.equal(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys()
+    assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
