@@ -273,9 +273,10 @@ def bench_lora(directory):
     """
     train.py's stage-2 step with LoRA (LLaVA-1.5's finetune_lora.sh: r 128, alpha 256, dropout 0.05, adapters on every
     linear layer of the LLM's blocks; W trains too) against full fine-tuning (W and the whole LLM), at the realistic
-    shape, without and with gradient checkpointing, interleaved. Peak memory of training beyond the frozen weights
-    both hold: the AdamW state (its tensors' bytes; it lives between steps) plus the rise of the process's peak
-    resident memory during a step (gradients, activations, measured); and with the weights counted too.
+    shape, interleaved: float32 without and with gradient checkpointing, and bf16 autocast with it (the recipe's
+    setting, where LoRA keeps its frozen linear weights in bf16). Peak memory of training: the weights and the AdamW
+    state (their tensors' bytes; both live between steps) plus the rise of the process's peak resident memory during
+    a step (gradients, activations; measured); also without the weights, what training adds to the model.
     """
     import train
     torch.manual_seed(0)
@@ -285,9 +286,14 @@ def bench_lora(directory):
     common = dict(stage=2, vision_path=paths[0], llm_path=paths[1], template="vicuna_v1")
     configs = {"LoRA": train.TrainConfig(**common, learning_rate=2e-4, projector_lr=2e-5, lora_r=128, lora_alpha=256),
                "full": train.TrainConfig(**common, learning_rate=2e-5)}
-    models = {name: train.build_model(config, train.Runtime()) for name, config in configs.items()}
-    optimizers = {name: train.make_optimizer(models[name], config, train.Runtime())
-                  for name, config in configs.items()}
+    settings = {"float32": (train.Runtime(), False), "float32, gradient checkpointing": (train.Runtime(), True),
+                "bf16 autocast, gradient checkpointing": (train.Runtime(autocast_dtype=torch.bfloat16), True)}
+    models, optimizers = {}, {}
+    for name, config in configs.items():  # LoRA under bf16 autocast is its own model: frozen linears stored in bf16
+        for dtype in ((None, torch.bfloat16) if name == "LoRA" else (None,)):
+            runtime = train.Runtime(autocast_dtype=dtype)
+            models[name, dtype] = train.build_model(config, runtime)
+            optimizers[name, dtype] = train.make_optimizer(models[name, dtype], config, runtime)
     batch, text_length = 2, 256
     text = torch.randint(3, LLAMA["vocab_size"], (batch, text_length))
     input_ids = torch.cat([text[:, :8], torch.full((batch, 1), IMAGE_TOKEN_INDEX), text[:, 8:]], dim=1)
@@ -295,15 +301,20 @@ def bench_lora(directory):
     micro_batch = dict(input_ids=input_ids, labels=labels, attention_mask=torch.ones_like(input_ids).bool(),
                        pixel_values=torch.randn(batch, 3, VISION["image_size"], VISION["image_size"]),
                        ids=[str(i) for i in range(batch)], skipped=[])
-    lengths = train.sequence_lengths(micro_batch, models["LoRA"].num_image_tokens)
+    lengths = train.sequence_lengths(micro_batch, models["full", None].num_image_tokens)
 
-    def step(name, checkpointing):
+    def instance(name, setting):
+        return (name, settings[setting][0].autocast_dtype if name == "LoRA" else None)
+
+    def step(name, setting):
+        runtime, checkpointing = settings[setting]
+        model, optimizer = models[instance(name, setting)], optimizers[instance(name, setting)]
+
         def run():
-            models[name].llm.gradient_checkpointing = checkpointing
-            train.train_step(models[name], optimizers[name], [micro_batch], configs[name].learning_rate,
-                             train.Runtime())
+            model.llm.gradient_checkpointing = checkpointing
+            train.train_step(model, optimizer, [micro_batch], configs[name].learning_rate, runtime)
         return run
-    runs = {(name, checkpointing): step(name, checkpointing) for checkpointing in (False, True) for name in models}
+    runs = {(name, setting): step(name, setting) for setting in settings for name in configs}
     for run in runs.values():  # warm-up; AdamW makes its state on the first step
         run()
     results = {key: [] for key in runs}
@@ -313,29 +324,29 @@ def bench_lora(directory):
 
     def tensor_bytes(tensors):
         return sum(t.numel() * t.element_size() for t in tensors)
-    trainable = {name: sum(p.numel() for p in model.parameters() if p.requires_grad) for name, model in models.items()}
-    weights = {name: tensor_bytes(model.parameters()) for name, model in models.items()}
-    state = {name: tensor_bytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
-             for name, optimizer in optimizers.items()}
+    weights = {key: tensor_bytes(model.parameters()) for key, model in models.items()}
+    state = {key: tensor_bytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+             for key, optimizer in optimizers.items()}
+    trainable = {name: sum(p.numel() for p in models[name, None].parameters() if p.requires_grad) for name in configs}
     print(f"realistic shape: LLM hidden {LLAMA['hidden_size']} x {LLAMA['num_hidden_layers']} layers, vocab "
           f"{LLAMA['vocab_size']}; vision hidden {VISION['hidden_size']} x {VISION['num_hidden_layers']} layers at "
-          f"{VISION['image_size']} px; batch {batch} x {lengths[0]} tokens; float32, {torch.get_num_threads()} threads")
-    print(f"  trainable parameters: LoRA {trainable['LoRA'] / 1e6:.1f} M (adapters r 128 on q,k,v,o,gate,up,down, "
-          f"and W), full {trainable['full'] / 1e6:.1f} M (W and the LLM); weights LoRA "
-          f"{weights['LoRA'] / 2**20:.0f} MiB, full {weights['full'] / 2**20:.0f} MiB; AdamW state LoRA "
-          f"{state['LoRA'] / 2**20:.0f} MiB, full {state['full'] / 2**20:.0f} MiB")
-    for checkpointing in (False, True):
-        seconds = {name: statistics.median(t for t, _ in results[name, checkpointing]) for name in models}
-        rise = {name: statistics.median(m for _, m in results[name, checkpointing]) for name in models}
-        training = {name: state[name] + rise[name] for name in models}
-        total = {name: weights[name] + training[name] for name in models}
-        print(f"  {'with' if checkpointing else 'without'} gradient checkpointing: step LoRA "
-              f"{seconds['LoRA'] * 1e3:.0f} ms, full {seconds['full'] * 1e3:.0f} ms, ratio "
-              f"{seconds['LoRA'] / seconds['full']:.3f} | step peak rise LoRA +{rise['LoRA'] / 2**20:.0f} MiB, full "
-              f"+{rise['full'] / 2**20:.0f} MiB | peak memory beyond the weights (AdamW state + step peak) LoRA "
-              f"{training['LoRA'] / 2**20:.0f} MiB, full {training['full'] / 2**20:.0f} MiB, ratio "
-              f"{training['LoRA'] / training['full']:.3f} | with the weights LoRA {total['LoRA'] / 2**20:.0f} MiB, "
-              f"full {total['full'] / 2**20:.0f} MiB, ratio {total['LoRA'] / total['full']:.3f}")
+          f"{VISION['image_size']} px; batch {batch} x {lengths[0]} tokens; {torch.get_num_threads()} threads")
+    print(f"  trainable: LoRA {trainable['LoRA'] / 1e6:.1f} M parameters (adapters r 128 on q,k,v,o,gate,up,down, "
+          f"and W), full {trainable['full'] / 1e6:.1f} M (W and the LLM) | AdamW state LoRA "
+          f"{state['LoRA', None] / 2**20:.0f} MiB, full {state['full', None] / 2**20:.0f} MiB | weights LoRA "
+          f"{weights['LoRA', None] / 2**20:.0f} MiB ({weights['LoRA', torch.bfloat16] / 2**20:.0f} MiB with its "
+          f"frozen linears in bf16), full {weights['full', None] / 2**20:.0f} MiB")
+    for setting in settings:
+        seconds = {name: statistics.median(t for t, _ in results[name, setting]) for name in configs}
+        rise = {name: statistics.median(m for _, m in results[name, setting]) for name in configs}
+        training = {name: state[instance(name, setting)] + rise[name] for name in configs}
+        peak = {name: weights[instance(name, setting)] + training[name] for name in configs}
+        print(f"  {setting}: step LoRA {seconds['LoRA'] * 1e3:.0f} ms, full {seconds['full'] * 1e3:.0f} ms, ratio "
+              f"{seconds['LoRA'] / seconds['full']:.3f} | peak memory (weights + AdamW state + step peak rise) LoRA "
+              f"{peak['LoRA'] / 2**20:.0f} MiB, full {peak['full'] / 2**20:.0f} MiB, ratio "
+              f"{peak['LoRA'] / peak['full']:.3f} | without the weights LoRA {training['LoRA'] / 2**20:.0f} MiB "
+              f"(step +{rise['LoRA'] / 2**20:.0f}), full {training['full'] / 2**20:.0f} MiB "
+              f"(step +{rise['full'] / 2**20:.0f}), ratio {training['LoRA'] / training['full']:.3f}")
 
 
 if __name__ == "__main__":
