@@ -477,7 +477,8 @@ class LoRALinear(nn.Module):
         # A x for every target at once (their A stacked: one pass over x), then each target's B A x into its rows
         a_x = F.linear(self.dropout(x), torch.cat([self.lora_A[target] for target in self.parts]))  # (B, T, n * r)
         for (target, (start, rows)), target_a_x in zip(self.parts.items(), a_x.split(self.r, dim=-1)):
-            y[..., start:start + rows].add_(F.linear(target_a_x, self.lora_B[target]), alpha=self.scale)  # (alpha/r) BAx
+            b_a_x = F.linear(target_a_x, self.lora_B[target])  # (B, T, rows)
+            y[..., start:start + rows].add_(b_a_x, alpha=self.scale)  # += (alpha / r) · B A x, on its rows only
         return y
 
     def merged_weight(self):

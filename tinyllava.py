@@ -273,6 +273,7 @@ class TinyLLaVA(nn.Module):
                 if getattr(config, key) != value:
                     raise ValueError(f"{config.base} has {key} {value!r}, not {getattr(config, key)!r}")
             model.config = replace(config, image_token_index=model.config.image_token_index, lora_r=0)
+            model.lora_merged = False  # the merged LLM is the base's own: nothing to save of it
         if config.lora_r:
             model.add_lora(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
         return model

@@ -44,7 +44,8 @@ Recipe for real checkpoints (the paper's and LLaVA-1.5's scripts): AdamW, weight
 
 Exactness: every optimizer step consumes one global batch, a function of (seed, epoch, step) alone, and its loss is the
 sum of the per-token losses over every supervised token of that global batch divided by their number, so 1 process
-with 2 micro-batches and 2 processes with 1 each take the same step (tests/test_train.py checks it with torchrun).
+with 2 micro-batches and 2 processes with 1 each take the same step (tests/test_train.py checks it with torchrun);
+LoRA's dropout draws its masks per process, so with --lora_dropout above 0 they agree in distribution only.
 Checkpoints (written atomically) hold everything a resumed run needs to take the same steps an uninterrupted run takes.
 """
 import contextlib
@@ -73,8 +74,7 @@ from tinyllava import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, TinyLLaVA, TinyLLaVAConf
 class TrainConfig:
     # what to train
     stage: int = 1  # 1: feature alignment (W only); 2: end-to-end (W and the LLM)
-    init: str = ""  # stage 2: the stage-1 ckpt.pt to take W from ("": a fresh W, the paper's no-stage-1 ablation),
-    # or a stage-2 ckpt.pt or an HF LLaVA directory (LlavaForConditionalGeneration) to go on from
+    init: str = ""  # stage 2: a stage-1 ckpt.pt (its W), a stage-2 one or an HF LLaVA dir ("": fresh W, no stage 1)
     resume: bool = False  # continue <out_dir>/ckpt.pt: weights, optimizer, schedule, data position, RNG states
     out_dir: str | None = None  # per stage (STAGE_DEFAULTS): ckpt.pt and log.jsonl go here
     # the model; stage 2 with --init takes these five from the stage-1 checkpoint unless they are given
