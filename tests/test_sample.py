@@ -3,6 +3,7 @@ KV-cache reuse, bad inputs, and the held-out eval."""
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import sample
+import tinyllava
 from data import load_image, process_image
 from helpers import TINY_LLAMA, TINY_VISION, randomize
 from tinyllava import IMAGE_TOKEN_INDEX, TinyLLaVA, TinyLLaVAConfig
@@ -251,19 +253,22 @@ def bad_inputs(tiny, tmp_path):
         "chat question over the context by its image tokens": (  # --prompt is the chat's first question
             ["--image", image, "--ckpt", tiny.ckpt, "--chat", "--prompt", long_prompt(tiny, CONTEXT + 1)],
             "conversation is too long"),
-        "--chat with a stage-1 model": (["--image", image, "--ckpt", tiny.plain, "--chat"], "drop --chat"),
+        "--chat with a stage-1 model, refused before loading it": (
+            ["--image", image, "--ckpt", tiny.plain, "--chat"], "drop --chat"),
+        "a directory without ckpt.pt": (["--image", image, "--ckpt", str(tmp_path)], "no ckpt.pt"),
     }
 
 
 def test_each_bad_input_gives_one_error_line_naming_it_and_a_nonzero_exit(tiny, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # no out/ here, for the default checkpoint
+    monkeypatch.chdir(tmp_path)  # no out/ here, nor in the repository, for the default checkpoint
+    monkeypatch.setattr(sample, "REPO_DIR", str(tmp_path))
     for name, (args, culprit) in bad_inputs(tiny, tmp_path).items():
         assert sample.main(args) == 1, name
         errors = capsys.readouterr().err.splitlines()
         assert errors[-1].startswith("sample.py: error: ") and culprit in errors[-1], (name, errors)
         assert sum("error" in line for line in errors) == 1 and not any("Traceback" in e for e in errors), name
-        if "before" in name:
-            assert errors == [errors[-1]] and "missing.pt" not in errors[-1]  # no model was even looked for
+        if "before" in name:  # nothing printed before the error: no loading line, no chat banner
+            assert errors == [errors[-1]] and "missing.pt" not in errors[-1]  # and no other model looked for
     # the prompt that exactly fills the context, image tokens included, is fine, and leaves room for one token
     fills = long_prompt(tiny, CONTEXT)
     assert sample.main(["--image", tiny.images[0], "--ckpt", tiny.ckpt, "--prompt", fills,
@@ -281,6 +286,57 @@ def test_bad_input_from_the_command_line_exits_nonzero_without_traceback(tiny, t
     assert result.returncode == 1 and result.stdout == ""
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1].startswith("sample.py: error: ") and culprit in result.stderr
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", ""], "--prompt is empty: ask a question, or leave --prompt out for the default"),
+    (["--prompt", "  \t "], "--prompt is empty"),
+    (["--chat", "--prompt", " "], "--prompt is empty"),
+    (["--temprature", "0.2"], "unknown flag --temprature (did you mean --temperature?)"),
+    (["--max-new-tokens", "0"], "--max_new_tokens 0 is out of range"),
+    (["--threads", "-1"], "--threads -1 is out of range"),
+    (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+    (["--max_new"], "unknown flag --max_new (did you mean --max_new_tokens?)"),  # no abbreviations, as train.py
+])
+def test_flag_mistakes_are_one_line_naming_the_flag(tiny, args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        sample.main(["--image", tiny.images[0], "--ckpt", tiny.ckpt, *args])
+    assert exit.value.code == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.count("\n") == 1, printed.err
+    assert printed.err.startswith("sample.py: error: ") and message in printed.err
+
+
+def test_flags_are_spelled_as_train_py_spells_them(tiny, capsys, monkeypatch):
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # seen, not applied to the other tests
+    common = ["--image", tiny.images[0], "--ckpt", tiny.ckpt, "--prompt", QUESTION]
+    assert sample.main(common + ["--max_new_tokens", "6"]) == 0
+    expected = capsys.readouterr().out
+    assert sample.main(common + ["--max-new-tokens=6", "--threads", "1", "--dtype", "auto", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == expected and threads == [1]
+
+
+def test_checkpoints_are_found_in_the_repository_from_any_directory(tiny, tmp_path, monkeypatch, capsys):
+    """out/ and --ckpt paths, as train.py's --init: relative to the working directory, else to the repository."""
+    repository, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    (repository / "out" / "stage2").mkdir(parents=True)
+    elsewhere.mkdir()
+    shutil.copy(tiny.ckpt, repository / "out" / "stage2" / "ckpt.pt")
+    monkeypatch.setattr(sample, "REPO_DIR", str(repository))
+    monkeypatch.setattr(tinyllava, "REPO_DIR", str(repository))
+    monkeypatch.chdir(elsewhere)
+    for args in ([], ["--ckpt", "out/stage2"], ["--ckpt", "out/stage2/ckpt.pt"]):
+        assert sample.main(["--image", tiny.images[0], "--max_new_tokens", "3", *args]) == 0, args
+        assert f"loading {repository}/out/stage2" in capsys.readouterr().err
+
+
+def test_help_explains_every_flag_and_ends_with_the_examples():
+    parser = sample.make_parser()
+    assert all(action.help for action in parser._actions)
+    text = parser.format_help()
+    assert "--max_new_tokens N" in text and "(default: 256)" in text and "--threads N" in text
+    examples = text.split("Examples:")[1].strip().splitlines()
+    assert len(examples) >= 5 and all(line.strip().startswith("python sample.py ") for line in examples)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Held-out eval

@@ -1,5 +1,6 @@
 """train.py on tiny models: what each stage trains, exact resume, the same steps whatever the number of processes,
 the recipe's pieces, and the refusals (wrong bases, bad flags, NaN, bad data)."""
+import dataclasses
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+import tinyllava
 import train
 import world
 from helpers import TINY_LLAMA, TINY_VISION, randomize
@@ -200,23 +202,108 @@ def test_stage2_refuses_a_w_aligned_on_another_llm(tiny, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--lerning_rate", "1e-3"], "unknown flag --lerning_rate (did you mean --learning_rate?)"),
     (["--max_steps=ten"], "--max_steps expects an int, got 'ten'"),
+    (["--max-steps", "ten"], "--max_steps expects an int, got 'ten'"),
     (["--compile", "maybe"], "--compile expects true/false/1/0, got 'maybe'"),
     (["--projector", "mlp3x"], "--projector must be one of linear, mlp2x_gelu; got 'mlp3x'"),
-    (["--stage", "1", "--init", "x.pt"], "--init takes a stage-1 checkpoint for stage 2"),
+    (["--stage", "1", "--init", "x.pt"], "--init is for stage 2"),
     (["stage=2"], "unexpected argument 'stage=2'"),
+    (["--stage", "2", "--init", "nowhere/ckpt.pt"], "--init nowhere/ckpt.pt: no such file or directory"),
+    (["--stage", "2", "--init", os.path.join(REPO, "tests")], f"--init {REPO}/tests: no ckpt.pt in this directory"),
+    (["--stage", "2", "--init", os.path.join(REPO, "README.md")], "README.md: not a tinyllava checkpoint"),
+    (["--resume", "--overwrite"], "--resume continues out/stage1/ckpt.pt and --overwrite starts over: give one"),
+    (["--resume"], "--resume: out/stage1/ckpt.pt does not exist"),
 ])
-def test_bad_flags_fail_with_the_flag_named(argv, message):
+def test_bad_flags_fail_with_the_flag_named(argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no out/ here
     with pytest.raises(SystemExit) as error:
         train.main(argv)
-    assert str(error.value).startswith("train.py: ") and message in str(error.value)
+    assert str(error.value).startswith("train.py: error: ") and message in str(error.value)
+    assert "\n" not in str(error.value)
 
 
-def test_flags_parse_to_the_field_types():
+def test_flags_parse_to_the_field_types(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no out/stage2/ckpt.pt here to refuse to overwrite
     assert train.parse_flags(["--learning_rate=2e-5", "--resume", "--batch_size", "8", "--compile", "0",
-                              "--vision_feature_layer", "-1", "--fsdp"]) == dict(
-        learning_rate=2e-5, resume=True, batch_size=8, compile=False, vision_feature_layer=-1, fsdp=True)
+                              "--vision_feature_layer", "-1", "--fsdp", "--max-steps", "3"]) == dict(
+        learning_rate=2e-5, resume=True, batch_size=8, compile=False, vision_feature_layer=-1, fsdp=True, max_steps=3)
     config, _, _ = train.make_config(["--stage=2", "--learning_rate", "1e-4"])
     assert (config.template, config.out_dir, config.learning_rate) == ("vicuna_v1", "out/stage2", 1e-4)
+
+
+def test_help_explains_every_field_under_its_group_from_the_comments_in_trainconfig(capsys):
+    groups = train.explained_fields()
+    assert [name for name, _, _ in groups] == ["model", "data", "optimization", "progress and checkpoints", "system"]
+    explained = {name: text for _, _, items in groups for name, text in items}
+    assert list(explained) == [f.name for f in dataclasses.fields(train.TrainConfig)]  # each field, in order, once
+    assert all(text.strip() for text in explained.values()), explained
+    assert train.main(["--help"]) is None
+    printed = capsys.readouterr().out
+    flat = " ".join(printed.split())  # argparse wraps the columns
+    for name, text in explained.items():
+        assert f"--{name} " in printed and " ".join(text.split()) in flat, name
+    # the defaults, per stage where the stage sets them, and the explanations a short run needs
+    assert "(default: 0)" in flat.split("--max_steps INT")[1].split("--global_batch_size")[0]
+    assert "--stop_at_step instead" in explained["max_steps"] and "--resume" in explained["stop_at_step"]
+    assert "(default: stage 1: out/stage1, stage 2: out/stage2)" in flat
+    assert flat.index("model: what trains") < flat.index("--stage INT") < flat.index("data:") < flat.index(
+        "--data_path") < flat.index("optimization:") < flat.index("--max_steps") < flat.index(
+        "progress and checkpoints:") < flat.index("--overwrite BOOL") < flat.index("system:") < flat.index("--threads")
+
+
+def test_a_finished_checkpoint_is_never_overwritten_without_overwrite(tiny, tmp_path):
+    train.main(flags(tiny, tmp_path, max_steps=2))
+    finished = (tmp_path / "ckpt.pt").read_bytes(), (tmp_path / "log.jsonl").read_bytes()
+    for again in ([], ["--init", "", "--learning_rate=0.01"]):  # the same command, or another run into the same dir
+        with pytest.raises(SystemExit) as error:
+            train.main(flags(tiny, tmp_path, max_steps=2) + again)
+        assert f"{tmp_path}/ckpt.pt holds a finished stage-2 run (2 of 2 steps): --overwrite true" in str(error.value)
+        assert ((tmp_path / "ckpt.pt").read_bytes(), (tmp_path / "log.jsonl").read_bytes()) == finished
+    train.main(flags(tiny, tmp_path, max_steps=2, learning_rate=0.01, overwrite=True))  # told to: it replaces it
+    assert (tmp_path / "ckpt.pt").read_bytes() != finished[0]
+    assert checkpoint(tmp_path)["train_config"]["learning_rate"] == 0.01
+
+
+def test_a_stopped_run_is_refused_with_resume_offered(tiny, tmp_path):
+    train.main(flags(tiny, tmp_path, stage=1, max_steps=2, stop_at_step=1))
+    with pytest.raises(SystemExit, match="stage-1 run stopped at step 1 of 2: --resume continues it, --overwrite true"):
+        train.main(flags(tiny, tmp_path, stage=1, max_steps=2))
+    assert checkpoint(tmp_path)["step"] == 1
+
+
+def test_init_takes_a_checkpoint_directory_and_says_what_it_took(tiny, tmp_path, monkeypatch, capsys):
+    train.main(flags(tiny, tmp_path / "stage1", stage=1, max_steps=1))
+    train.main(flags(tiny, tmp_path / "stage2", max_steps=1, init=tmp_path / "stage1"))  # a directory
+    assert f"init: W only, from {tmp_path}/stage1/ckpt.pt (a stage-1 checkpoint, step 1 of 1)" in \
+        capsys.readouterr().out
+    stage2 = checkpoint(tmp_path / "stage2")
+    before, _ = run_capturing_start(monkeypatch, flags(tiny, tmp_path / "again", max_steps=1,
+                                                      init=tmp_path / "stage2"))
+    assert f"init: W and the LLM, from {tmp_path}/stage2/ckpt.pt (a stage-2 checkpoint, step 1 of 1)" in \
+        capsys.readouterr().out
+    assert any(name.startswith("llm.") for name in stage2["model"])
+    for name, tensor in stage2["model"].items():  # W and every LLM tensor start where stage 2 left them
+        assert torch.equal(before[name], tensor), name
+    # found as sample.py finds paths: relative to the working directory, else to the repository
+    monkeypatch.setattr(tinyllava, "REPO_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "again")
+    _, _, init = train.make_config(flags(tiny, tmp_path / "elsewhere", init="stage1"))
+    assert init["train_config"]["stage"] == 1
+
+
+def test_a_base_without_tokenizer_json_is_one_line_naming_the_flag(tiny, tmp_path):
+    shutil.copytree(tiny["llm"], tmp_path / "llm", ignore=shutil.ignore_patterns("tokenizer.json"))
+    with pytest.raises(SystemExit) as error:
+        train.main(flags(tiny, tmp_path / "out", stage=1, max_steps=1, llm_path=tmp_path / "llm"))
+    assert str(error.value) == f"train.py: error: --llm_path: {tmp_path}/llm: no tokenizer.json here (only the " \
+                               "fast-tokenizer file is read)"
+    (tmp_path / "llm" / "tokenizer.model").write_bytes(b"")  # a sentencepiece checkpoint: the message says the fix
+    with pytest.raises(SystemExit, match=r"only a sentencepiece tokenizer.model; write the tokenizer.json once with "
+                                         r"transformers: python -c .*AutoTokenizer.from_pretrained\("):
+        train.main(flags(tiny, tmp_path / "out", stage=1, max_steps=1, llm_path=tmp_path / "llm"))
+    os.remove(tmp_path / "llm" / "model.safetensors")
+    with pytest.raises(SystemExit, match=r"--llm_path: .*neither model.safetensors nor"):
+        train.main(flags(tiny, tmp_path / "out", stage=1, max_steps=1, llm_path=tmp_path / "llm"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny, tmp_path, monkeypatch):
@@ -244,7 +331,7 @@ def test_unreadable_images_are_reported_skipped_and_stop_the_run_past_max_bad_fr
     train.main(flags(tiny, **settings, max_bad_fraction=0.1))
     assert f"skipped: sample {records[0]['id']}: cannot load image" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"1 bad samples in epoch 0 of .*more than --max_bad_fraction 0\.05 of its 16"):
-        train.main(flags(tiny, **settings, max_bad_fraction=0.05))
+        train.main(flags(tiny, **settings, max_bad_fraction=0.05, overwrite=True))
 
 
 def test_every_step_sees_the_same_global_batch_whatever_the_processes_and_micro_batches():
