@@ -78,7 +78,8 @@ from weights import safetensors_files
 
 # Every field is a flag, explained here and only here: `python train.py --help` prints these comments (see
 # explained_fields). A comment line level with the fields starts a group ("name: note"), a field's own comment explains
-# it, and deeper comment lines under it go on explaining it. The None defaults are set per stage by STAGE_DEFAULTS.
+# it, and deeper comment lines under it go on explaining it; a new flag is a new field with its comment, nothing more.
+# The None defaults are set per stage by STAGE_DEFAULTS.
 @dataclass
 class TrainConfig:
     # model: what trains, and from which weights it starts
