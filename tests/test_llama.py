@@ -133,7 +133,7 @@ def test_left_padded_batch_has_at_every_step_the_logits_of_each_prompt_alone(tmp
     _, path = make_hf_llama(tmp_path, "gqa_tied_theta5e5", seed=4)
     ours = Llama.from_pretrained(path).eval()
     generator = torch.Generator().manual_seed(5)
-    short, long = torch.randint(3, 128, (1, 5), generator=generator), torch.randint(3, 128, (1, 12), generator=generator)
+    short, long = (torch.randint(3, 128, (1, n), generator=generator) for n in (5, 12))
     batch = torch.cat([torch.cat([torch.zeros(1, 7, dtype=torch.long), short], 1), long])  # left-padded
     mask = torch.ones_like(batch, dtype=torch.bool)
     mask[0, :7] = False

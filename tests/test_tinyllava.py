@@ -322,8 +322,9 @@ def test_checkpoint_on_a_changed_llm_alone_is_refused_naming_the_llm(tmp_path):
     model.set_stage(1)
     model.save(str(tmp_path / "ckpt.pt"))
     other = randomize(transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA)), seed=7)
-    other.save_pretrained(model.config.llm_path)  # the same architecture, other weights; the vision tower unchanged
-    with pytest.raises(ValueError, match=f"trained on another llm checkpoint than the one now at {model.config.llm_path}"):
+    other_path = model.config.llm_path
+    other.save_pretrained(other_path)  # the same architecture, other weights; the vision tower unchanged
+    with pytest.raises(ValueError, match=f"trained on another llm checkpoint than the one now at {other_path}"):
         TinyLLaVA.from_pretrained(str(tmp_path / "ckpt.pt"))
 
 
