@@ -144,6 +144,50 @@ def test_cli_greedy_answer_is_reproducible_and_equals_tinyllava_generate_also_ba
     assert capsys.readouterr().out == "".join(f"{image}: {answer}\n" for image, answer in zip(tiny.images, expected))
 
 
+def test_batch_of_different_prompts_and_image_sizes_answers_each_row_as_it_alone(tiny, monkeypatch):
+    """sample.py's batches of different questions (the eval's): the prompts differ in length, so the rows are
+    left-padded, and each row must still generate, id for id, what its prompt generates alone."""
+    model = TinyLLaVA.from_pretrained(tiny.ckpt).eval()
+    questions = ["Is it red?", "Describe it.", QUESTION + " " + FOLLOW_UP]
+    images = [tiny.images[k] for k in (0, 2, 1)]  # 24x14, 18x18 and 13x21 pixels
+    assert len({len(vicuna_ids(tiny.tokenizer, [q])) for q in questions}) == 3
+    alone = []
+    for question, image in zip(questions, images):
+        pixel_values = process_image(load_image(image), 16, "crop")[None]
+        generated = model.generate([vicuna_ids(tiny.tokenizer, [question])], pixel_values, max_new_tokens=10,
+                                   stop_token_ids=[EOS])[0]
+        alone.append(until_stop(generated.tolist()))
+    assert all(len(ids) > 2 for ids in alone) and len({tuple(ids) for ids in alone}) == 3
+    decoded, decode = [], sample.decode_answer
+
+    def recording(ids, *rest):  # the ids each row generated, as evaluate decodes them
+        decoded.append(until_stop(ids))
+        return decode(ids, *rest)
+    monkeypatch.setattr(sample, "decode_answer", recording)
+    items = [dict(id=str(k), image=image, question=question, answer=tiny.tokenizer.decode(ids).strip(), type="any")
+             for k, (question, image, ids) in enumerate(zip(questions, images, alone))]
+    accuracy = sample.evaluate(model, tiny.tokenizer, items, [load_image(image) for image in images], "crop",
+                               batch=3, max_new=10, out=io.StringIO())
+    assert decoded == alone and accuracy == 1.0
+
+
+def test_sampling_with_a_seed_is_reproducible_and_is_generate_with_that_seeded_generator(tiny, capsys):
+    args = ["--ckpt", tiny.ckpt, "--image", tiny.images[0], "--prompt", QUESTION, "--max_new_tokens", "12",
+            "--temperature", "1.5", "--top_k", "50", "--top_p", "0.95"]
+    printed = []
+    for seed in (7, 7, 8):
+        assert sample.main(args + ["--seed", str(seed)]) == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and printed[2] != printed[0]
+    model = TinyLLaVA.from_pretrained(tiny.ckpt).eval()
+    pixel_values = process_image(load_image(tiny.images[0]), 16, "crop")[None]
+    sampled = model.generate([vicuna_ids(tiny.tokenizer, [QUESTION])], pixel_values, max_new_tokens=12,
+                             stop_token_ids=[EOS], temperature=1.5, top_k=50, top_p=0.95,
+                             generator=torch.Generator().manual_seed(7))[0]
+    assert printed[0] == tiny.tokenizer.decode(until_stop(sampled.tolist())).strip() + "\n"
+    assert printed[0] != our_answer(tiny, model, QUESTION, tiny.images[0], 12) + "\n"  # not the greedy answer
+
+
 def test_hf_llava_directory_gives_transformers_greedy_text_with_padded_images(tiny):
     prompt = vicuna_ids(tiny.tokenizer, [QUESTION])
     expanded = []

@@ -1,6 +1,8 @@
-"""train.py on tiny models: what each stage trains, exact resume, the same steps whatever the number of processes,
+"""train.py on tiny models: what each stage trains, exact resume (also across process counts, sharding and batch
+sizes), the same steps whatever the number of processes, gradient checkpointing and compile, length-grouped epochs,
 the recipe's pieces, and the refusals (wrong bases, bad flags, NaN, bad data)."""
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -118,6 +120,20 @@ def test_stage2_trains_w_and_the_llm_from_the_stage1_w_never_vision(tiny, tmp_pa
     assert saved["config"]["template"] == "vicuna_v1"
 
 
+def assert_same_optimizer_state(resumed, whole, steps, rtol):
+    """Adam's moments of every trained tensor and its step count, and each group's learning rate, as the
+    uninterrupted run left them (keyed by parameter name, whatever the wrapping)."""
+    states, expected = resumed["optimizer"]["state"], whole["optimizer"]["state"]
+    assert states.keys() == expected.keys() == resumed["model"].keys()
+    for name, state in expected.items():
+        assert int(states[name]["step"]) == int(state["step"]) == steps, name
+        for key in ("exp_avg", "exp_avg_sq"):  # relative to each tensor's largest entry: both span many decades
+            torch.testing.assert_close(states[name][key], state[key], rtol=rtol,
+                                       atol=rtol * float(state[key].abs().max()), msg=f"{name} {key}")
+    assert [g["lr"] for g in resumed["optimizer"]["param_groups"]] == pytest.approx(
+        [g["lr"] for g in whole["optimizer"]["param_groups"]], rel=1e-12)
+
+
 def test_stopped_and_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny, tmp_path):
     # 12 samples in global batches of 4: 3 steps per epoch, so the 5 steps cross an epoch boundary
     common = dict(max_steps=5, checkpoint_interval=2)
@@ -130,8 +146,7 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_
     assert whole["model"].keys() == parts["model"].keys()
     for name in whole["model"]:
         assert (whole["model"][name] - parts["model"][name]).abs().max() <= 1e-6, name
-    for name, state in whole["optimizer"]["state"].items():
-        assert torch.allclose(state["exp_avg_sq"], parts["optimizer"]["state"][name]["exp_avg_sq"], atol=1e-9)
+    assert_same_optimizer_state(parts, whole, steps=5, rtol=1e-6)
     losses = {r["step"]: r["loss"] for r in train_log(tmp_path / "whole")}
     resumed = {r["step"]: r["loss"] for r in train_log(tmp_path / "parts")}
     assert sorted(resumed) == [1, 2, 3, 4, 5]
@@ -157,6 +172,16 @@ def test_accumulating_micro_batches_takes_the_step_of_the_whole_batch(tiny, tmp_
             [r[key] for r in train_log(tmp_path / "4")], rel=1e-5)
 
 
+def torchrun(argv, processes=2):
+    """train.py under torchrun on the CPU (gloo); fails the test with the run's output if it fails."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               os.path.join(REPO, "train.py")] + argv
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.torchrun
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_processes_under_torchrun_take_the_same_steps_as_one(tiny, tmp_path, sharding):
     """gloo on CPU: 2 processes x micro-batch 2 against 1 process x 2 micro-batches of 2, same global batch of 4.
@@ -171,12 +196,9 @@ def test_two_processes_under_torchrun_take_the_same_steps_as_one(tiny, tmp_path,
     common = dict(max_steps=3, eval_interval=2, eval_samples=3, data_path=tmp_path / "data.json",
                   max_bad_fraction=0.6)
     train.main(flags(tiny, tmp_path / "one", **common))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(REPO, "train.py")] + flags(tiny, tmp_path / "two", **common, fsdp=sharding == "fsdp")
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout and result.stdout.count("step 3/3 | epoch") == 1  # rank 0 alone prints
-    assert "skipped: sample" in result.stdout
+    printed = torchrun(flags(tiny, tmp_path / "two", **common, fsdp=sharding == "fsdp"))
+    assert "2 process(es)" in printed and printed.count("step 3/3 | epoch") == 1  # rank 0 alone prints
+    assert "skipped: sample" in printed
     for key in ("loss", "grad_norm"):  # the norm shows a gradient scaled wrong, which Adam and clipping would hide
         assert [r[key] for r in train_log(tmp_path / "two")] == pytest.approx(
             [r[key] for r in train_log(tmp_path / "one")], rel=1e-5)
@@ -186,6 +208,121 @@ def test_two_processes_under_torchrun_take_the_same_steps_as_one(tiny, tmp_path,
     assert one["model"].keys() == two["model"].keys()
     for name in one["model"]:
         torch.testing.assert_close(two["model"][name], one["model"][name], atol=2e-6, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def six_steps(tiny, tmp_path_factory):
+    """An uninterrupted run of 6 steps (2 epochs of 3) in one process, micro-batches of 2: how resumed runs end."""
+    out_dir = tmp_path_factory.mktemp("uninterrupted")
+    train.main(flags(tiny, out_dir, max_steps=6))
+    return out_dir
+
+
+@pytest.mark.torchrun
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_run_resumed_across_process_counts_batch_sizes_and_sharding_ends_as_an_uninterrupted_one(
+        tiny, tmp_path, six_steps, sharding):
+    """Steps 1-2 in one process with micro-batches of 2; 3-4 under torchrun in 2 processes (DDP or FSDP) with
+    micro-batches of 1, crossing the epoch boundary; 5-6 in one process again with one micro-batch of 4. FSDP reloads
+    optimizer state written without it, and writes state read without it."""
+    train.main(flags(tiny, tmp_path, max_steps=6, stop_at_step=2))
+    printed = torchrun(flags(tiny, tmp_path, max_steps=6, resume=True, stop_at_step=4, batch_size=1,
+                             fsdp=sharding == "fsdp"))
+    assert "resuming after step 2" in printed and "global batch 4 = 1 x 2 process(es) x 2 accumulated" in printed
+    assert checkpoint(tmp_path)["step"] == 4 and checkpoint(tmp_path)["world_size"] == 2
+    train.main(flags(tiny, tmp_path, max_steps=6, resume=True, batch_size=4, fsdp=False))  # fsdp: the checkpoint's
+    resumed, whole = checkpoint(tmp_path), checkpoint(six_steps)
+    assert resumed["step"] == 6 and resumed["model"].keys() == whole["model"].keys()
+    for name in whole["model"]:
+        torch.testing.assert_close(resumed["model"][name], whole["model"][name], atol=2e-6, rtol=1e-4, msg=name)
+    assert_same_optimizer_state(resumed, whole, steps=6, rtol=1e-4)
+    assert [r["step"] for r in train_log(tmp_path)] == [1, 2, 3, 4, 5, 6]  # each step of the three parts, once
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in train_log(tmp_path)] == pytest.approx([r[key] for r in train_log(six_steps)], rel=1e-5)
+
+
+def record_gradients(monkeypatch):
+    """[{name: gradient}] of every optimizer step of the runs that follow, as train_step hands them to AdamW."""
+    steps, make_optimizer = [], train.make_optimizer
+
+    def recording(model, *args):
+        optimizer = make_optimizer(model, *args)
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        step = optimizer.step
+
+        def recorded_step(*step_args, **kwargs):
+            steps.append({name: p.grad.clone() for name, p in named})
+            return step(*step_args, **kwargs)
+        optimizer.step = recorded_step
+        return optimizer
+    monkeypatch.setattr(train, "make_optimizer", recording)
+    return steps
+
+
+def test_gradient_checkpointing_and_compile_give_w_and_the_llm_the_plain_gradients(tiny, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """Stage 2 through train.py in micro-batches of 4: every trained tensor's gradient at both steps of a plain run and
+    of a --gradient_checkpointing run, and at the one step of a --compile run (a second step would compile the model
+    again for its other sequence length, as long again), must be the same. No clipping: it would hide a scale."""
+    gradients = record_gradients(monkeypatch)
+    runs = {}
+    variants = [("plain", dict(max_steps=2)), ("checkpointed", dict(max_steps=2, gradient_checkpointing=True))]
+    compiles = torch._dynamo.is_dynamo_supported()
+    if compiles:
+        variants.append(("compiled", dict(max_steps=1, compile=True)))
+        # inductor's C++ code generation takes minutes for this model on 2 CPU cores; aot_eager captures the same
+        # graphs (dynamo, then AOTAutograd's joint forward and backward) and runs them with eager kernels
+        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+        with capsys.disabled():
+            print("\n--compile tested with torch.compile(backend='aot_eager'): inductor's kernels are left out")
+    for name, settings in variants:
+        train.main(flags(tiny, tmp_path / name, batch_size=4, val_data_path="", grad_clip=0, **settings))
+        runs[name], gradients[:] = list(gradients), []
+    plain = runs.pop("plain")
+    assert len(plain) == 2 and {name.split(".")[0] for name in plain[0]} == {"projector", "llm"}
+    for step in plain:
+        for name, gradient in step.items():
+            assert gradient.abs().max() >= 1e-3, f"{name}: gradient {gradient.abs().max():.1e} too small to test"
+    for run, steps in runs.items():
+        assert len(steps) == (1 if run == "compiled" else 2), run
+        for step, (expected, got) in enumerate(zip(plain, steps)):
+            for name in expected:
+                torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-4,
+                                           msg=f"{run}, step {step + 1}: {name}")
+    if not compiles:
+        pytest.skip(f"torch.compile cannot run here (Python {sys.version.split()[0]}, torch {torch.__version__}); "
+                    "gradient checkpointing was checked")
+
+
+def test_group_by_modality_length_sees_every_sample_once_per_epoch_in_one_modality_batches(tiny, tmp_path,
+                                                                                           monkeypatch):
+    records = json.loads((tiny["world"] / "small_stage2.json").read_text())
+    for record in records[::4]:  # 3 of the 12 become text-only
+        del record["image"]
+        record["conversations"][0]["value"] = record["conversations"][0]["value"].replace("<image>", "").strip()
+    shutil.copytree(tiny["world"] / "images", tmp_path / "images")
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    steps, train_step = [], train.train_step
+
+    def recording(model, optimizer, micro_batches, *args, **kwargs):
+        steps.append([(batch["ids"], batch["pixel_values"]) for batch in micro_batches])
+        return train_step(model, optimizer, micro_batches, *args, **kwargs)
+    monkeypatch.setattr(train, "train_step", recording)
+    train.main(flags(tiny, tmp_path / "out", data_path=tmp_path / "data.json", group_by_modality_length=True,
+                     epochs=2, max_steps=0))
+    per_epoch = checkpoint(tmp_path / "out")["steps_per_epoch"]
+    assert len(steps) == 2 * per_epoch
+    text_only = {record["id"] for record in records if "image" not in record}
+    epochs = []
+    for epoch in range(2):
+        micro_batches = [micro for step in steps[epoch * per_epoch:(epoch + 1) * per_epoch] for micro in step]
+        seen = [sample_id for ids, _ in micro_batches for sample_id in ids]
+        assert sorted(seen) == sorted(record["id"] for record in records), f"epoch {epoch}"  # each once
+        for ids, pixel_values in micro_batches:  # image and text-only samples never share a micro-batch
+            assert len({sample_id in text_only for sample_id in ids}) == 1
+            assert (pixel_values is None) == (ids[0] in text_only)
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # a new order each epoch
 
 
 def test_stage2_refuses_a_w_aligned_on_another_llm(tiny, tmp_path):
