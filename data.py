@@ -85,9 +85,14 @@ def _template(name):
 def load_tokenizer(checkpoint_dir):
     """The tokenizers.Tokenizer stored as tokenizer.json in a checkpoint directory (a LLaMA or LLaVA one)."""
     path = os.path.join(checkpoint_dir, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{checkpoint_dir}: no tokenizer.json here (only the fast-tokenizer file is read)")
-    return Tokenizer.from_file(path)
+    if os.path.isfile(path):
+        return Tokenizer.from_file(path)
+    if os.path.isfile(os.path.join(checkpoint_dir, "tokenizer.model")):
+        raise FileNotFoundError(
+            f"{checkpoint_dir}: no tokenizer.json, only a sentencepiece tokenizer.model; write the tokenizer.json once "
+            f"with transformers: python -c \"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained("
+            f"'{checkpoint_dir}').save_pretrained('{checkpoint_dir}')\" (README: Real checkpoints)")
+    raise FileNotFoundError(f"{checkpoint_dir}: no tokenizer.json here (only the fast-tokenizer file is read)")
 
 
 @lru_cache(maxsize=8)

@@ -313,6 +313,7 @@ class Llama(nn.Module):
             cache = KVCache(self.config, batch, length + max_new_tokens, embeds.device, embeds.dtype)
         stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=embeds.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=embeds.device)
+        token = None
         next_input = embeds
         # each row counts positions from its first real token, so left padding does not shift them
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T_total)
@@ -325,8 +326,8 @@ class Llama(nn.Module):
             else:
                 logits = self(inputs_embeds=embeds, position_ids=positions, attention_mask=attention_mask,
                               last_token_only=True)
-            token = sample_next_token(logits[:, -1].float(), temperature, top_k, top_p, generator)  # (B,)
-            token = torch.where(finished, stop[0] if len(stop) else token, token)
+            drawn = sample_next_token(logits[:, -1].float(), temperature, top_k, top_p, generator)  # (B,)
+            token = drawn if token is None else torch.where(finished, token, drawn)  # stopped rows keep their stop
             yield token
             finished |= torch.isin(token, stop)
             if bool(finished.all()):
@@ -403,11 +404,9 @@ class Llama(nn.Module):
         return weights
 
 
-def sample_next_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
-    """Pick one token per row from logits (B, vocab): greedy at temperature 0, else sampled from the softmax at that
-    temperature, restricted to the top_k most likely tokens and to the smallest set whose probability reaches top_p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+def next_token_probabilities(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """The distribution a token is drawn from, (B, vocab): the softmax of logits / temperature, restricted to the top_k
+    most likely tokens, then to the smallest set of the most likely whose probability reaches top_p, renormalized."""
     logits = logits / temperature
     if top_k > 0:
         kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
@@ -415,9 +414,18 @@ def sample_next_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=Non
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs > top_p  # the tokens before them already reach top_p
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the tokens before them already reach top_p
+        outside[:, 0] = False  # the most likely token always stays
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+    return logits.softmax(dim=-1)
+
+
+def sample_next_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    """Pick one token per row from logits (B, vocab): greedy at temperature 0, else drawn from
+    next_token_probabilities."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(next_token_probabilities(logits, temperature, top_k, top_p), 1, generator=generator)[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -2,25 +2,33 @@
 Ask a trained tinyllava model about images: one answer streamed as it is generated, a batch of images, a chat, or
 the held-out exact-match eval on the shapes world.
 
+The model: --ckpt (one of ours: a ckpt.pt or its directory), --hf (a LlavaForConditionalGeneration directory), or by
+default out/stage2/ckpt.pt, else out/stage1/ckpt.pt (train.py's default out_dirs). Paths are found as train.py finds
+them: as given (relative to where you run this), else relative to this repository, so out/ and bases/ work from any
+directory. Flags are spelled as train.py's: --key value or --key=value, and --max-new-tokens is --max_new_tokens.
+Images are preprocessed as in training (the vision tower's size, mean and std; the checkpoint's crop or pad) and the
+prompt is the model's template with the image first. Answers go to stdout; everything else goes to stderr.
+
+Examples:
+
     python sample.py --image photo.png                                        # the default question: describe it
     python sample.py --image photo.png --prompt "What color is the circle?"   # one question, streamed to stdout
     python sample.py --image a.png b.png --prompt "How many shapes are there?"  # one batch, an answer per file
     python sample.py --image photo.png --chat                                 # multi-turn; an empty line or Ctrl-D ends
-    python sample.py --ckpt out/stage1/ckpt.pt --image photo.png              # a stage-1 model captions the image
-    python sample.py --ckpt out/stage2-lora/ckpt.pt --image photo.png         # a LoRA run (adapters merged on load)
+    python sample.py --ckpt out/stage1 --image photo.png                      # a stage-1 model captions the image
+    python sample.py --ckpt out/stage2-lora --image photo.png                 # a LoRA run (adapters merged on load)
+    python sample.py --image photo.png --threads 1 --max-new-tokens 32        # 1 thread when others load the cores
     python sample.py --hf llava-1.5-7b-hf --image photo.jpg --device cuda     # published LLaVA weights (HF layout)
     python sample.py --eval                                                   # held-out accuracy on the world
     python sample.py --eval --ckpt out/stage1/ckpt.pt --limit 70              # 70 questions, spread over the types
-
-The model: --ckpt (one of ours: a ckpt.pt or its directory), --hf (a LlavaForConditionalGeneration directory), or by
-default out/stage2/ckpt.pt, else out/stage1/ckpt.pt (train.py's default out_dirs, relative to where you run this).
-Images are preprocessed as in training (the vision tower's size, mean and std; the checkpoint's crop or pad) and the
-prompt is the model's template with the image first. Answers go to stdout; everything else goes to stderr.
 """
 import argparse
+import difflib
 import json
 import os
 import pickle
+import re
+import shutil
 import sys
 import time
 import zipfile
@@ -31,7 +39,7 @@ import torch
 from data import (IMAGE_TAG, ImageError, encode_conversation, encode_prompt, image_settings, load_image,
                   load_tokenizer, process_image, stop_token_ids)
 from llama import KVCache
-from tinyllava import TinyLLaVA, resolve
+from tinyllava import REPO_DIR, TinyLLaVA, resolve
 from world import ensure_world, exact_match
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -47,49 +55,96 @@ batch_size = 32  # images per generate call (several --image files, --eval)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def help_format(prog):
+    """The help laid out as train.py's: flags in columns, wrapped to the terminal (120 columns in a pipe), the text as
+    written."""
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=34,
+                                                width=min(120, shutil.get_terminal_size((120, 24)).columns))
+
+
 class SampleError(Exception):
     """Bad input: main prints its one-line message on stderr and exits with status 1."""
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Ask a tinyllava model about images (see the docstring for examples).")
-    parser.add_argument("--image", nargs="+", action="extend", default=[], metavar="FILE",
-                        help="image file(s); several are answered as one batch, each answer labelled by its file")
-    parser.add_argument("--prompt", default=None,
-                        help=f"the question (default: {question!r}; with --chat, the first question); a stage-1 "
-                             "model ignores it and captions")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--chat", action="store_true", help="multi-turn conversation about one image, from stdin")
+class Parser(argparse.ArgumentParser):
+    """argparse with train.py's conventions: --key-name spells --key_name, an unknown flag gets a suggestion, and a
+    mistake is one line."""
+
+    def parse_args(self, argv=None, namespace=None):
+        return super().parse_args([self.spelled(arg) for arg in (sys.argv[1:] if argv is None else argv)], namespace)
+
+    def spelled(self, arg):
+        key, equals, value = arg.partition("=")
+        if not re.fullmatch(r"--\w[\w-]*", key):  # a value, not a flag
+            return arg
+        key = "--" + key[2:].replace("-", "_")
+        if key not in self._option_string_actions:
+            close = difflib.get_close_matches(key, self._option_string_actions, n=1)
+            self.error(f"unknown flag {key}" + (f" (did you mean {close[0]}?)" if close else "")
+                       + "; python sample.py --help explains every flag")
+        return key + equals + value
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def make_parser():
+    parser = Parser(prog="sample.py", usage="python sample.py --image FILE [FILE ...] [--prompt TEXT | --chat] "
+                    "[flags]   or   python sample.py --eval [flags]", epilog=__doc__.strip(),
+                    formatter_class=help_format, allow_abbrev=False)
+    ask = parser.add_argument_group("images and questions")
+    ask.add_argument("--image", nargs="+", action="extend", default=[], metavar="FILE",
+                     help="image file(s); several are answered as one batch, each answer labelled by its file")
+    ask.add_argument("--prompt", default=None, metavar="TEXT",
+                     help="the question (with --chat, the first one); a stage-1 model ignores it and captions "
+                          f"(default: {question!r})")
+    mode = ask.add_mutually_exclusive_group()
+    mode.add_argument("--chat", action="store_true", help="a multi-turn conversation about one image, from stdin")
     mode.add_argument("--eval", action="store_true",
                       help="held-out exact match on the world's eval.json; the last line is 'accuracy: <fraction>'")
-    parser.add_argument("--world", default=None, metavar="DIR",
-                        help="--eval: a world directory holding eval.json (default: the default shapes world, "
-                             "generated on first use)")
-    parser.add_argument("--limit", type=int, default=None, metavar="N",
-                        help="--eval: only N questions, taken evenly across the question types")
-    source = parser.add_mutually_exclusive_group()
+    ask.add_argument("--world", default=None, metavar="DIR",
+                     help="--eval: a world directory holding eval.json (default: the shapes world, generated on "
+                          "first use)")
+    ask.add_argument("--limit", type=int, default=None, metavar="N",
+                     help="--eval: only N questions, taken evenly across the question types (default: all)")
+    model = parser.add_argument_group("model")
+    source = model.add_mutually_exclusive_group()
     source.add_argument("--ckpt", default=None, metavar="PATH",
-                        help=f"one of our checkpoints, ckpt.pt or its directory (default: {out_dir}/stage2/ckpt.pt, "
-                             f"else {out_dir}/stage1/ckpt.pt)")
+                        help=f"one of our checkpoints, a ckpt.pt or its directory (default: {out_dir}/stage2, else "
+                             f"{out_dir}/stage1, where you run this, then in the repository)")
     source.add_argument("--hf", default=None, metavar="DIR",
                         help="an HF LLaVA directory (LlavaForConditionalGeneration with tokenizer.json, e.g. "
                              "llava-1.5-7b-hf), prompted with vicuna_v1 and, unless --aspect says otherwise, images "
                              "padded to a square as LLaVA-1.5 was trained")
-    parser.add_argument("--aspect", choices=("crop", "pad"), default=None,
-                        help="non-square images: centre crop or pad to a square (default: what the checkpoint was "
-                             "trained with; 'pad' for --hf)")
-    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens,
-                        help=f"most tokens per answer (default {max_new_tokens}; fewer where the context ends)")
-    parser.add_argument("--temperature", type=float, default=temperature,
-                        help="0 = greedy (default, reproducible); LLaVA's chat demo uses 0.2")
-    parser.add_argument("--top_k", type=int, default=top_k, help="sample among the k most likely tokens (0: all)")
-    parser.add_argument("--top_p", type=float, default=top_p, help="nucleus sampling threshold (1.0: off)")
-    parser.add_argument("--seed", type=int, default=seed, help="of the sampling generator")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="default: float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument("--batch_size", type=int, default=batch_size,
-                        help=f"images per generate call (default {batch_size})")
+    model.add_argument("--aspect", choices=("crop", "pad"), default=None,
+                       help="non-square images: centre crop or pad to a square (default: what the checkpoint was "
+                            "trained with; pad for --hf)")
+    generation = parser.add_argument_group("generation")
+    generation.add_argument("--max_new_tokens", type=int, default=max_new_tokens, metavar="N",
+                            help=f"most tokens per answer, fewer where the context ends (default: {max_new_tokens})")
+    generation.add_argument("--temperature", type=float, default=temperature, metavar="T",
+                            help=f"0: greedy, reproducible; LLaVA's chat demo uses 0.2 (default: {temperature})")
+    generation.add_argument("--top_k", type=int, default=top_k, metavar="K",
+                            help=f"sample among the k most likely tokens (0: all) (default: {top_k})")
+    generation.add_argument("--top_p", type=float, default=top_p, metavar="P",
+                            help=f"nucleus sampling threshold (1.0: off) (default: {top_p})")
+    generation.add_argument("--seed", type=int, default=seed, metavar="N",
+                            help=f"of the sampling generator (default: {seed})")
+    generation.add_argument("--batch_size", type=int, default=batch_size, metavar="N",
+                            help=f"images per generate call (default: {batch_size})")
+    system = parser.add_argument_group("system")
+    system.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="auto (CUDA if there is one), cuda or cpu (default: auto)")
+    system.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="the weights' and activations' type; auto: bfloat16 on CUDA, float32 on CPU (default: "
+                             "auto)")
+    system.add_argument("--threads", type=int, default=0, metavar="N",
+                        help="torch CPU threads (0: torch's default; 1 when others share the cores) (default: 0)")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = make_parser()
     args = parser.parse_args(argv)
     if args.eval and (args.image or args.prompt is not None):
         parser.error("--eval asks the world's questions about its images: drop --image and --prompt")
@@ -97,6 +152,8 @@ def parse_args(argv=None):
         parser.error("--eval decodes greedily: drop --temperature, --top_k and --top_p")
     if not args.eval and not args.image:
         parser.error("give an --image FILE (or --eval)")
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error(f"--prompt is empty: ask a question, or leave --prompt out for the default ({question!r})")
     if args.chat and len(args.image) > 1:
         parser.error("--chat talks about one image; give a single --image")
     if (args.world or args.limit is not None) and not args.eval:
@@ -106,7 +163,8 @@ def parse_args(argv=None):
                             ("--top_k", args.top_k, args.top_k >= 0),
                             ("--top_p", args.top_p, 0 < args.top_p <= 1),
                             ("--batch_size", args.batch_size, args.batch_size >= 1),
-                            ("--limit", args.limit, args.limit is None or args.limit >= 1)):
+                            ("--limit", args.limit, args.limit is None or args.limit >= 1),
+                            ("--threads", args.threads, args.threads >= 0)):
         if not ok:
             parser.error(f"{flag} {value} is out of range")
     return args
@@ -120,31 +178,37 @@ def pick_device(device, dtype):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SampleError("--device cuda: CUDA is not available on this machine")
-    return device, getattr(torch, dtype or ("bfloat16" if device == "cuda" else "float32"))
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return device, getattr(torch, dtype)
 
 
 def checkpoint_path(args):
-    """The model to load: --hf, --ckpt, or the newest stage's checkpoint under out_dir."""
+    """The model to load: --hf, --ckpt, or the newest stage's checkpoint under out_dir; each found as train.py finds
+    paths, where this runs, else in the repository (tinyllava.resolve)."""
     if args.hf:
-        if not os.path.isfile(os.path.join(args.hf, "config.json")):
+        path = resolve(args.hf)
+        if not os.path.isfile(os.path.join(path, "config.json")):
             raise SampleError(f"--hf {args.hf}: " + ("no config.json here, not an HF LLaVA directory"
-                                                     if os.path.exists(args.hf) else "no such directory"))
-        return args.hf
+                                                     if os.path.exists(path) else "no such directory"))
+        return path
     if args.ckpt:
-        if not os.path.exists(args.ckpt):
+        path = resolve(args.ckpt)
+        if not os.path.exists(path):
             raise SampleError(f"--ckpt {args.ckpt}: no such file or directory")
-        return args.ckpt
-    for stage in ("stage2", "stage1"):
-        path = os.path.join(out_dir, stage, "ckpt.pt")
-        if os.path.isfile(path):
-            return path
-    raise SampleError(f"no checkpoint: neither {out_dir}/stage2/ckpt.pt nor {out_dir}/stage1/ckpt.pt exists; train "
-                      "one (python train.py --stage 1) or pass --ckpt PATH or --hf DIR")
+        return path
+    for base in ("", REPO_DIR):
+        for stage in ("stage2", "stage1"):
+            path = os.path.join(base, out_dir, stage, "ckpt.pt")
+            if os.path.isfile(path):
+                return path
+    raise SampleError(f"no checkpoint: neither {out_dir}/stage2/ckpt.pt nor {out_dir}/stage1/ckpt.pt exists here or "
+                      f"in {REPO_DIR}; train one (python train.py --stage 1) or pass --ckpt PATH or --hf DIR")
 
 
-def load_model(path, device, dtype):
+def load_model(path, device, dtype, chat=False):
     """(model, tokenizer, is_hf) from one of our checkpoints or an HF LLaVA directory, with a one-line error for
-    anything else."""
+    anything else, before any loading for a --chat with a model that only captions."""
     is_hf = os.path.isfile(os.path.join(path, "config.json"))
     if not is_hf:
         file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
@@ -154,14 +218,23 @@ def load_model(path, device, dtype):
         if not zipfile.is_zipfile(file):  # torch.save writes a zip archive
             raise SampleError(f"{file}: unknown checkpoint format: not a tinyllava ckpt.pt (torch.save) nor an HF "
                               "LLaVA directory")
-    print(f"loading {path} on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
     try:
+        if chat and not is_hf and saved_template(file) == "plain":
+            raise SampleError(f"--chat needs an instruction-tuned model (vicuna_v1 template, a stage-2 checkpoint); "
+                              f"{file} uses 'plain' (stage 1), which only captions: drop --chat")
+        print(f"loading {path} on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
         model = TinyLLaVA.from_pretrained(path, dtype=dtype, device=device).eval()
         model.merge_lora()  # a LoRA checkpoint's adapters folded in: decoding costs what the plain model's does
         tokenizer = load_tokenizer(resolve(model.config.llm_path))  # an HF LLaVA directory holds its own
     except (FileNotFoundError, ValueError, pickle.UnpicklingError) as error:
         raise SampleError(f"cannot load {path}: {error}") from None
     return model, tokenizer, is_hf
+
+
+def saved_template(file):
+    """The prompt template one of our ckpt.pt files was trained with, read without loading its weights (mmap)."""
+    checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    return checkpoint.get("config", {}).get("template") if isinstance(checkpoint, dict) else None
 
 
 def to_pixels(model, images, aspect):
@@ -260,10 +333,7 @@ def chat(model, tokenizer, pixel_values, max_new, sampling, read=read_question, 
     that plus the question), never by slicing the generated history.
     """
     out = out or sys.stdout
-    template = model.config.template
-    if template == "plain":
-        raise SampleError("--chat needs an instruction-tuned model (vicuna_v1 template, a stage-2 checkpoint); this "
-                          "one uses 'plain' (stage 1), which only captions: drop --chat")
+    template = model.config.template  # vicuna_v1: load_model refuses a --chat with a plain (stage-1) model
     weight = model.llm.embed_tokens.weight
     cache = KVCache(model.llm.config, 1, model.llm.config.max_position_embeddings, weight.device, weight.dtype)
     stops = stop_token_ids(tokenizer, template)
@@ -360,9 +430,11 @@ def run(args):
         images = [load_image(os.path.join(world_dir, item["image"])) for item in items]
     else:
         images = [load_image(path) for path in args.image]  # ImageError names the file
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = pick_device(args.device, args.dtype)
     path = checkpoint_path(args)
-    model, tokenizer, is_hf = load_model(path, device, dtype)
+    model, tokenizer, is_hf = load_model(path, device, dtype, chat=args.chat)
     aspect = args.aspect or ("pad" if is_hf else model.config.image_aspect)
     if args.eval:
         print(f"eval: {len(items)} questions from {os.path.join(world_dir, 'eval.json')}", file=sys.stderr)
@@ -375,13 +447,14 @@ def run(args):
     if args.chat:
         print(f"chat about {args.image[0]} ({model.config.template} template): type a question; an empty line or "
               "Ctrl-D ends", file=sys.stderr)
-        opening = [args.prompt] if args.prompt else []  # --prompt, if given, is the first question
+        opening = [args.prompt] if args.prompt is not None else []  # --prompt, if given, is the first question
 
         def read(prompt):
             return opening.pop() if opening else read_question(prompt)
         chat(model, tokenizer, to_pixels(model, images, aspect), args.max_new_tokens, sampling, read)
     else:
-        answer_images(model, tokenizer, images, args.image, args.prompt or question, aspect, args, sampling)
+        answer_images(model, tokenizer, images, args.image, question if args.prompt is None else args.prompt, aspect,
+                      args, sampling)
 
 
 def main(argv=None):

@@ -8,18 +8,21 @@ Train LLaVA in its two stages (Liu et al. 2023, Sec. 4.2), on one CPU or on many
 The shipped tiny default (the tiny bases in bases/ and the shapes world, generated into cache/world on first use):
 
     python train.py --stage 1                              # -> out/stage1/ckpt.pt (W, aligned on the bases)
-    python train.py --stage 2 --init out/stage1/ckpt.pt    # -> out/stage2/ckpt.pt (W and the LLM)
+    python train.py --stage 2 --init out/stage1            # -> out/stage2/ckpt.pt (W and the LLM)
     python train.py --stage 2 --resume                     # go on from out/stage2/ckpt.pt where it stopped
+    python train.py --stage 2 --overwrite true             # train again over out/stage2/ckpt.pt (else refused)
     python train.py --stage 2 --out_dir out/stage2-alone   # stage 2 alone, W from scratch (the paper's ablation)
     python train.py --stage 2 --init out/stage1/ckpt.pt --lora_r 16 --out_dir out/stage2-lora  # LoRA: W and adapters
     python train.py --stage 1 --max_steps 5 --log_interval 1 --out_dir /tmp/s1   # any TrainConfig field
     python train.py --stage 1 --dtype bfloat16 --threads 1 # bf16 autocast on a CPU with AVX512-bf16/AMX (1.5-1.8x
                                                            # faster here); 1 thread when others load the cores
-    python train.py --help                                 # every field with its default
+    python train.py --help                                 # every field explained, with its default
 
-Every field of TrainConfig (below) is a flag, `--key value` or `--key=value`; STAGE_DEFAULTS fills the fields whose
-recipe differs between stages, then the flags override. Many processes, one per GPU (or CPU socket): the global batch
-stays the same, each process takes its fixed slice of it, and gradient accumulation makes up the rest.
+Every field of TrainConfig (below) is a flag, `--key value` or `--key=value`, explained in the comment beside it;
+STAGE_DEFAULTS fills the fields whose recipe differs between stages, then the flags override. A run never starts over
+an existing out_dir/ckpt.pt unless told: --resume continues it, --overwrite true replaces it. Many processes, one per
+GPU (or CPU socket): the global batch stays the same, each process takes its fixed slice of it, and gradient
+accumulation makes up the rest.
 
     torchrun --standalone --nproc_per_node=8 train.py --stage 1                  # DDP (NCCL on GPU, gloo on CPU)
     torchrun --standalone --nproc_per_node=8 train.py --stage 2 --fsdp true      # shard the LLM's blocks (FSDP)
@@ -48,15 +51,20 @@ with 2 micro-batches and 2 processes with 1 each take the same step (tests/test_
 LoRA's dropout draws its masks per process, so with --lora_dropout above 0 they agree in distribution only.
 Checkpoints (written atomically) hold everything a resumed run needs to take the same steps an uninterrupted run takes.
 """
+import argparse
 import contextlib
 import difflib
+import inspect
 import json
 import math
 import os
+import pickle
 import random
+import shutil
 import sys
 import time
 import typing
+import zipfile
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -68,51 +76,68 @@ from data import TEMPLATES, Collator, LLaVADataset, ModalityLengthGroupedSampler
 from llama import Block, lora_targets
 from tinyllava import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, TinyLLaVA, TinyLLaVAConfig, base_fingerprints, fingerprint,
                        resolve)
+from weights import safetensors_files
 
 
+# Every field is a flag, explained here and only here: `python train.py --help` prints these comments (see
+# explained_fields). A comment line level with the fields starts a group ("name: note"), a field's own comment explains
+# it, and deeper comment lines under it go on explaining it; a new flag is a new field with its comment, nothing more.
+# The None defaults are set per stage by STAGE_DEFAULTS.
 @dataclass
 class TrainConfig:
-    # what to train
-    stage: int = 1  # 1: feature alignment (W only); 2: end-to-end (W and the LLM)
-    init: str = ""  # stage 2: a stage-1 ckpt.pt (its W), a stage-2 one or an HF LLaVA dir ("": fresh W, no stage 1)
-    resume: bool = False  # continue <out_dir>/ckpt.pt: weights, optimizer, schedule, data position, RNG states
-    out_dir: str | None = None  # per stage (STAGE_DEFAULTS): ckpt.pt and log.jsonl go here
-    # the model; stage 2 with --init takes these five from the stage-1 checkpoint unless they are given
-    vision_path: str = "bases/clip"  # HF CLIP (or CLIP vision) checkpoint directory: the frozen tower g
-    llm_path: str = "bases/llama"  # HF LLaMA checkpoint directory, with its tokenizer.json
+    # model: what trains, and from which weights it starts
+    stage: int = 1  # 1: feature alignment (only W trains); 2: end-to-end (W and the LLM train); g never trains
+    init: str = ""  # stage 2: the checkpoint to start from, a ckpt.pt or its directory: from a stage-1 one W, from a
+                    # stage-2 one W and the LLM; or an HF LLaVA directory (a published LLaVA to fine-tune); it also
+                    # sets the five fields below unless they are given ("": a fresh W, the paper's ablation without
+                    # stage 1)
+    vision_path: str = "bases/clip"  # HF CLIP (or CLIP vision) checkpoint directory: the frozen vision tower g
+    llm_path: str = "bases/llama"  # HF LLaMA-family checkpoint directory, with its tokenizer.json
     projector: str = "mlp2x_gelu"  # W: linear (LLaVA) or mlp2x_gelu (LLaVA-1.5)
-    vision_feature_layer: int = -2  # the penultimate layer, as the paper
-    keep_class_token: bool = False  # LLaVA keeps the patch tokens only
-    # data; "" = the shapes world's stage{1,2}.json and val_stage{1,2}.json
-    data_path: str = ""  # a LLaVA JSON file
-    image_folder: str = ""  # image paths are relative to it ("": the data file's folder)
-    val_data_path: str = ""  # held-out LLaVA JSON for the held-out loss ("": the world's; none for other data)
-    template: str | None = None  # per stage: plain (stage 1), vicuna_v1 (stage 2)
-    image_aspect: str = "crop"  # crop (CLIP's processor) or pad (LLaVA-1.5 stage 2: expand to a square first)
-    max_length: int = 2048  # tokens per sample once the image is spliced in (capped at the LLM's context)
-    image_first_prob: float = 0.5  # paper Eq. 2: the image before the first question with this probability
-    max_bad_fraction: float = 0.01  # stop if more samples than this are malformed or have unreadable images
-    group_by_modality_length: bool = False  # LLaVA's length-grouped batches (faster; not the exact order below)
+    vision_feature_layer: int = -2  # the layer of g whose outputs W reads (-2: the penultimate, as the paper)
+    keep_class_token: bool = False  # give W the class token too (LLaVA gives it the patch tokens only)
+    # data: LLaVA JSON records and their images; with no --data_path, the shapes world (generated into cache/world)
+    data_path: str = ""  # the training LLaVA JSON file ("": the world's stage1.json or stage2.json)
+    image_folder: str = ""  # the folder the records' "image" paths are relative to ("": the data file's folder)
+    val_data_path: str = ""  # held-out LLaVA JSON for the held-out loss ("": the world's, or none with --data_path)
+    template: str | None = None  # the prompt format: plain (stage 1: image, then caption) or vicuna_v1 (stage 2:
+                                 # the system prompt, then USER: / ASSISTANT: turns)
+    image_aspect: str = "crop"  # non-square images: crop (CLIP's processor) or pad to a square (LLaVA-1.5 stage 2)
+    max_length: int = 2048  # most tokens per sample, the image's included (capped at the LLM's context)
+    image_first_prob: float = 0.5  # paper Eq. 2: how often the image goes before the first question, not after it
+    max_bad_fraction: float = 0.01  # stop once more than this share of the records is bad (malformed, an
+                                    # unreadable image, or no answer left within max_length); each is reported
+                                    # and skipped
+    group_by_modality_length: bool = False  # LLaVA's length-grouped batches: faster, but not the exact order
     # optimization
-    epochs: int | None = None  # per stage
-    max_steps: int = 0  # the schedule's length in optimizer steps (0: epochs x steps per epoch)
-    global_batch_size: int | None = None  # samples per optimizer step, over all processes (per stage)
-    batch_size: int | None = None  # samples per forward pass in one process (per stage); the rest is accumulation
-    learning_rate: float | None = None  # peak learning rate (per stage)
-    min_lr: float = 0.0  # where the cosine ends
-    warmup_ratio: float = 0.03  # share of the steps spent warming up linearly
+    epochs: int | None = None  # passes over the data; they set the schedule's length unless --max_steps does
+    max_steps: int = 0  # the schedule's length in optimizer steps (0: epochs x steps per epoch). Warmup and cosine
+                        # shrink to fit it, so a short run is a whole small schedule; to stop a run early on its
+                        # full schedule use --stop_at_step instead
+    global_batch_size: int | None = None  # samples per optimizer step, over all processes
+    batch_size: int | None = None  # samples per forward pass in one process; gradient accumulation makes up the rest
+                                   # of the global batch, so the steps do not change with it
+    learning_rate: float | None = None  # the peak learning rate, reached after warmup
+    min_lr: float = 0.0  # where the cosine ends, after the last step
+    warmup_ratio: float = 0.03  # share of the steps spent warming up linearly from 0
     weight_decay: float = 0.0  # AdamW's, on matrices only (never on biases and norms)
-    beta1: float = 0.9
-    beta2: float = 0.999
-    adam_eps: float = 1e-8
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.999  # AdamW's second-moment decay
+    adam_eps: float = 1e-8  # AdamW's epsilon, added to the update's denominator
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
     seed: int = 0  # W's initialization, the data order, the image placement draws
     # progress and checkpoints
+    out_dir: str | None = None  # where ckpt.pt and log.jsonl are written (relative to where you run train.py)
+    resume: bool = False  # continue <out_dir>/ckpt.pt where it stopped: weights, optimizer, schedule, data position
+                          # and random states, so the steps are those of an uninterrupted run
+    overwrite: bool = False  # start a new run over an existing <out_dir>/ckpt.pt, replacing it at the first
+                             # checkpoint (without it, or --resume, the run refuses to start)
     log_interval: int = 10  # steps between progress lines (and log.jsonl records)
     eval_interval: int = 100  # steps between held-out losses (0: only at the end)
     eval_samples: int = 256  # held-out samples per evaluation, the first ones of the file (0: all)
     checkpoint_interval: int = 200  # steps between checkpoints (0: only at the end)
-    stop_at_step: int = 0  # end early after this step with a checkpoint, the schedule unchanged (0: run to the end)
+    stop_at_step: int = 0  # end after this step with a checkpoint, the schedule unchanged; --resume goes on from
+                           # there (0: run to the end)
     # system
     device: str = "auto"  # auto (CUDA if there is one), cuda or cpu
     dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 on CPU), bfloat16 (autocast) or float32
@@ -121,12 +146,12 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard the LLM's blocks with FSDP instead of replicating them with DDP
     num_workers: int = 0  # DataLoader worker processes (0: load in the training process)
     pin_memory: bool = True  # page-locked batches for faster copies to the GPU (CUDA only)
-    threads: int = 0  # torch CPU threads per process (0: torch's default)
+    threads: int = 0  # torch CPU threads per process (0: torch's default; 1 when others share the cores)
     peak_flops: float = 0.0  # the accelerator's peak FLOP/s for MFU (0: looked up from the GPU's name)
-    # LoRA (stage 2; Hu et al. 2021): the LLM stays frozen and low-rank adapters on its blocks' linear layers train
-    # with W, W x + (lora_alpha / lora_r) B A x. LLaVA-1.5's finetune_lora.sh: r 128, alpha 256, dropout 0.05,
-    # learning rate 2e-4, projector lr 2e-5. Checkpoints hold W and the adapters, and name what they sit on
-    lora_r: int = 0  # the adapters' rank (0: no LoRA, the whole LLM trains)
+    # LoRA: stage 2 with the LLM frozen and low-rank adapters on its blocks' linear layers (Hu et al. 2021)
+    lora_r: int = 0  # the adapters' rank (0: no LoRA, the whole LLM trains); each target computes W x + (lora_alpha /
+                     # lora_r) B A x and only A, B and W train; checkpoints hold those and name the base they sit on.
+                     # LLaVA-1.5's finetune_lora.sh: r 128, alpha 256, dropout 0.05, lr 2e-4, projector lr 2e-5
     lora_alpha: float = 0.0  # the adapters' scale is lora_alpha / lora_r (0: twice lora_r, LLaVA-1.5's ratio)
     lora_dropout: float = 0.05  # dropout on the adapters' input
     lora_targets: str = "q,k,v,o,gate,up,down"  # the linear layers of every block that get adapters
@@ -140,15 +165,21 @@ STAGE_DEFAULTS = {
     2: dict(out_dir="out/stage2", template="vicuna_v1", learning_rate=1e-3, epochs=2, global_batch_size=32,
             batch_size=16),
 }
-# taken from the stage-1 checkpoint by `--init` unless given
+# taken from the --init checkpoint unless given
 MODEL_FIELDS = ("vision_path", "llm_path", "projector", "vision_feature_layer", "keep_class_token")
 # may differ on --resume without changing which steps are taken (beyond float rounding)
-RESUMABLE_CHANGES = {"resume", "out_dir", "log_interval", "eval_interval", "eval_samples", "checkpoint_interval",
-                     "stop_at_step", "batch_size", "device", "dtype", "compile", "gradient_checkpointing", "fsdp",
-                     "num_workers", "pin_memory", "threads", "peak_flops"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "out_dir", "log_interval", "eval_interval", "eval_samples",
+                     "checkpoint_interval", "stop_at_step", "batch_size", "device", "dtype", "compile",
+                     "gradient_checkpointing", "fsdp", "num_workers", "pin_memory", "threads", "peak_flops"}
 # dense bf16 tensor-core peaks (FLOP/s) for MFU, by GPU name; the first match wins
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12),
                    ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165e12))
+
+
+def help_format(prog):
+    """Both scripts' help: flags in columns, wrapped to the terminal (120 columns in a pipe), the text as written."""
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=34,
+                                                width=min(120, shutil.get_terminal_size((120, 24)).columns))
 
 
 class Stop(Exception):
@@ -172,7 +203,7 @@ def parse_flags(argv):
             close = difflib.get_close_matches(key, types, n=1)
             raise Stop(f"unknown flag --{key}" + (f" (did you mean --{close[0]}?)" if close else "")
                        + "; the flags are TrainConfig's fields, see python train.py --help")
-        kind = next(t for t in typing.get_args(types[key]) or (types[key],) if t is not type(None))
+        kind = field_kind(types[key])
         if not has_value:
             following = argv[i + 1] if i + 1 < len(argv) else None
             if kind is bool and (following is None or following.startswith("--")):
@@ -186,6 +217,11 @@ def parse_flags(argv):
     return overrides
 
 
+def field_kind(annotation):
+    """A field's value type: int for `int`, str for `str | None`."""
+    return next(t for t in typing.get_args(annotation) or (annotation,) if t is not type(None))
+
+
 def parse_value(key, kind, text):
     if kind is bool:
         if text.lower() not in ("true", "false", "1", "0"):
@@ -197,29 +233,74 @@ def parse_value(key, kind, text):
         raise Stop(f"--{key} expects {'an' if kind is int else 'a'} {kind.__name__}, got {text!r}") from None
 
 
+def find_checkpoint(path, what):
+    """The ckpt.pt a flag names, given as the file or its directory, found as sample.py finds one: as given (relative
+    to the working directory), else relative to this repository (tinyllava.resolve), so out/stage1 works anywhere."""
+    found = resolve(path)
+    file = os.path.join(found, "ckpt.pt") if os.path.isdir(found) else found
+    if not os.path.isfile(file):
+        raise Stop(f"{what} {path}: " + ("no ckpt.pt in this directory" if os.path.isdir(found) else
+                                         "no such file or directory"))
+    return file
+
+
+def init_location(path):
+    """--init's checkpoint as found on disk: an HF LLaVA directory (one with a config.json), else a ckpt.pt."""
+    found = resolve(path)
+    return found if os.path.isfile(os.path.join(found, "config.json")) else find_checkpoint(path, "--init")
+
+
 def load_init(path):
-    """--init: one of our checkpoints, or an HF LLaVA directory, read as a checkpoint that trained nothing yet."""
-    if os.path.isfile(os.path.join(path, "config.json")):
+    """--init: one of our checkpoints, or an HF LLaVA directory read as a checkpoint that trained nothing yet."""
+    if os.path.isdir(path):
         try:
             model_config = TinyLLaVA.hf_config(path)
         except ValueError as error:
-            raise Stop(f"--init: {error}") from None
+            raise Stop(f"--init {path}: {error}") from None
         return dict(config=asdict(model_config), bases=base_fingerprints(model_config), model={}, hf=True)
     return load_checkpoint(path, "--init")
 
 
-def load_checkpoint(path, what):
-    if not os.path.isfile(path):
-        raise Stop(f"{what}: {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(file, what, mmap=False):
+    """One of our ckpt.pt files, without pickle (mmap: tensors are read from the file only when used)."""
+    if not os.path.isfile(file):
+        raise Stop(f"{what}: {file} does not exist")
+    not_ours = f"{what} {file}: not a tinyllava checkpoint"
+    if not zipfile.is_zipfile(file):  # torch.save writes a zip archive
+        raise Stop(f"{not_ours} (not a file torch.save wrote)")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, pickle.UnpicklingError) as error:
+        raise Stop(f"{not_ours} ({str(error).splitlines()[0]})") from None
     if not isinstance(checkpoint, dict) or not {"config", "bases", "model"} <= checkpoint.keys():
-        raise Stop(f"{what}: {path} is not a tinyllava checkpoint (no config, bases and model entries)")
+        raise Stop(f"{not_ours} (no config, bases and model entries)")
     return checkpoint
+
+
+def checkpoint_progress(checkpoint):
+    """(stage, step, total steps) of the run that wrote a checkpoint, for messages."""
+    saved = checkpoint.get("train_config", {})
+    total = saved.get("max_steps") or saved.get("epochs", 0) * checkpoint.get("steps_per_epoch", 0)
+    return saved.get("stage"), checkpoint.get("step", 0), total
+
+
+def refuse_overwrite(path):
+    """Stop a new run that would replace an existing checkpoint, saying what it holds and which flag to use."""
+    try:
+        stage, step, total = checkpoint_progress(load_checkpoint(path, "--out_dir", mmap=True))
+    except Stop:
+        raise Stop(f"{path} exists (not a tinyllava checkpoint): --overwrite true replaces it, or choose another "
+                   "--out_dir") from None
+    if step >= total:
+        raise Stop(f"{path} holds a finished stage-{stage} run ({step} of {total} steps): --overwrite true trains a "
+                   "new one over it, or choose another --out_dir")
+    raise Stop(f"{path} holds a stage-{stage} run stopped at step {step} of {total}: --resume continues it, "
+               "--overwrite true starts over and replaces it, or choose another --out_dir")
 
 
 def make_config(argv):
     """(TrainConfig, the resumed checkpoint or None, the --init checkpoint or None) from the command line: stage
-    defaults, then a resumed run's own config, then the stage-1 checkpoint's model fields, then the flags."""
+    defaults, then a resumed run's own config, then the --init checkpoint's model fields, then the flags."""
     overrides = parse_flags(argv)
     stage = overrides.get("stage", TrainConfig.stage)
     if stage not in STAGE_DEFAULTS:
@@ -230,9 +311,11 @@ def make_config(argv):
         if key != "lora_r" and not overrides.get("lora_r"):
             raise Stop(f"--{key} does nothing without --lora_r (the adapters' rank; 0 turns LoRA off)")
     config = TrainConfig(**{**STAGE_DEFAULTS[stage], **overrides})
+    path = os.path.join(config.out_dir, "ckpt.pt")
+    if config.resume and config.overwrite:
+        raise Stop(f"--resume continues {path} and --overwrite starts over: give one of them")
     resumed = init = None
     if config.resume:
-        path = os.path.join(config.out_dir, "ckpt.pt")
         resumed = load_checkpoint(path, "--resume")
         saved = resumed["train_config"]
         changed = [f"--{key} ({saved[key]!r} in the checkpoint, {value!r} given)" for key, value in overrides.items()
@@ -241,8 +324,10 @@ def make_config(argv):
             raise Stop(f"--resume continues {path} with the recipe it started with, but {', '.join(changed)}; "
                        "start a new run (with --init) to change the recipe")
         config = TrainConfig(**{**saved, "stop_at_step": TrainConfig.stop_at_step, **overrides})  # stops once
-    elif config.init and config.stage == 2:
-        init = load_init(config.init)
+    elif os.path.exists(path) and not config.overwrite:
+        refuse_overwrite(path)
+    if config.init and config.stage == 2 and not config.resume:
+        init = load_init(init_location(config.init))
         for key in MODEL_FIELDS:
             if key not in overrides:
                 setattr(config, key, init["config"][key])
@@ -269,7 +354,7 @@ def check_config(config):
     if not 0 <= config.warmup_ratio < 1:
         raise Stop(f"--warmup_ratio must be in [0, 1), got {config.warmup_ratio}")
     if config.stage == 1 and config.init:
-        raise Stop("--init takes a stage-1 checkpoint for stage 2; stage 1 starts W from scratch")
+        raise Stop("--init is for stage 2 (a checkpoint to start from); stage 1 starts W from scratch")
     for key in ("lora_r", "lora_alpha", "projector_lr"):
         if getattr(config, key) < 0:
             raise Stop(f"--{key} must be at least 0, got {getattr(config, key)}")
@@ -281,13 +366,50 @@ def check_config(config):
         raise Stop(f"--lora_targets {config.lora_targets!r}: {error}") from None
 
 
+def explained_fields():
+    """[(group, note, [(field, explanation)])] in TrainConfig's order, read from its source: the one place where the
+    flags are explained (the rules are in the comment above the class)."""
+    lines = inspect.getsource(TrainConfig).splitlines()
+    groups = []
+    for line in lines[next(k for k, line in enumerate(lines) if line.startswith("class ")) + 1:]:
+        code, _, comment = line.partition("#")
+        comment = comment.strip()
+        if code.strip():  # "    name: type = default  # explanation"
+            groups[-1][2].append([code.split(":")[0].strip(), comment])
+        elif line.startswith("    # "):  # level with the fields: a new group
+            name, _, note = comment.partition(": ")
+            groups.append((name, note, []))
+        elif comment:  # deeper: the explanation above goes on
+            groups[-1][2][-1][1] += " " + comment
+    return groups
+
+
+def default_text(name):
+    """A field's default as it is typed on the command line; per stage where STAGE_DEFAULTS sets it."""
+    per_stage = {stage: defaults[name] for stage, defaults in STAGE_DEFAULTS.items() if name in defaults}
+    if not per_stage:
+        value = getattr(TrainConfig, name)
+        return str(value).lower() if isinstance(value, bool) else '""' if value == "" else str(value)
+    if len(set(per_stage.values())) == 1:
+        return f"{per_stage[1]} in both stages"
+    return ", ".join(f"stage {stage}: {value}" for stage, value in per_stage.items())
+
+
 def help_text():
-    lines = [__doc__.strip(), "", "Fields (python train.py --key value):"]
-    for f in fields(TrainConfig):
-        per_stage = {stage: defaults[f.name] for stage, defaults in STAGE_DEFAULTS.items() if f.name in defaults}
-        default = ", ".join(f"stage {s}: {v}" for s, v in per_stage.items()) if per_stage else repr(f.default)
-        lines.append(f"  --{f.name:26s} {default}")
-    return "\n".join(lines)
+    """Usage, every field under its group with its explanation and default, then the docstring (laid out by argparse,
+    as sample.py's help is; parse_flags reads the flags)."""
+    parser = argparse.ArgumentParser(
+        prog="train.py", epilog=__doc__.strip(), add_help=False,
+        usage="python train.py [--field value ...]   (or --field=value; --field-name spells --field_name too; a "
+              "true/false field alone means true)", formatter_class=help_format)
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    for name, note, explained in explained_fields():
+        group = parser.add_argument_group(name, note or None)
+        for field_name, explanation in explained:
+            group.add_argument(f"--{field_name}", metavar=field_kind(types[field_name]).__name__.upper(),
+                               help=f"{explanation} (default: {default_text(field_name)})".replace("%", "%%"))
+    return parser.format_help()
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Processes, devices and precision
@@ -581,7 +703,7 @@ def check_bases(checkpoint, source, config):
                    "--init to start W fresh")
 
 
-def run_base(config, init, resumed):
+def run_base(config, init, init_path, resumed):
     """What the run sits on beyond the towers at vision_path and llm_path, loaded whole ("": nothing). A resumed run
     keeps its own. A new one sits on its --init when that is an HF LLaVA directory, or a checkpoint that sits on a
     base itself or holds LoRA adapters, or, for a LoRA run, holds a trained LLM (stage 2) that LoRA keeps frozen.
@@ -593,7 +715,7 @@ def run_base(config, init, resumed):
     trained = init["model"].keys()
     if (init.get("hf") or init["config"].get("base") or any(".lora_" in name for name in trained)
             or (config.lora_r and any(name.startswith("llm.") for name in trained))):
-        return config.init
+        return init_path
     return ""
 
 
@@ -677,6 +799,35 @@ def load_optimizer(model, optimizer, state):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
+
+def read_bases(config):
+    """(the LLM's tokenizer, the vision tower's image settings), once both base directories are known to hold what a
+    run reads (config.json, safetensors weights, the LLM's tokenizer.json); else one line naming the flag."""
+    found = {}
+    for key in ("vision_path", "llm_path"):
+        given, path = getattr(config, key), resolve(getattr(config, key))
+        if not os.path.isdir(path):
+            shipped = given == getattr(TrainConfig, key)
+            raise Stop(f"--{key} {given}: no such checkpoint directory"
+                       + (" (the shipped tiny bases; python make_bases.py regenerates them)" if shipped else ""))
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise Stop(f"--{key} {given}: no config.json in this directory: not a Hugging Face checkpoint")
+        try:
+            safetensors_files(path)
+            found[key] = image_settings(path) if key == "vision_path" else load_tokenizer(path)
+        except (OSError, ValueError) as error:
+            raise Stop(f"--{key}: {error}") from None
+    return found["llm_path"], found["vision_path"]
+
+
+def describe_init(init, path):
+    """The start-up line saying what --init took from its checkpoint: W, or W and the LLM, and from which run."""
+    if init.get("hf"):
+        return f"init: a LLaVA in Hugging Face's layout (its W and LLM), from {path}"
+    took = "W and the LLM" if any(name.startswith("llm.") for name in init["model"]) else "W only"
+    stage, step, total = checkpoint_progress(init)
+    return f"init: {took}, from {path}" + (f" (a stage-{stage} checkpoint, step {step} of {total})" if stage else "")
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The run
 
@@ -687,11 +838,7 @@ def train(config, runtime, resumed=None, init=None):
         raise Stop(f"--global_batch_size {config.global_batch_size} is not a multiple of --batch_size "
                    f"{config.batch_size} x {runtime.world_size} process(es)")
     grad_accum = config.global_batch_size // (config.batch_size * runtime.world_size)
-    for key in ("vision_path", "llm_path"):
-        if not os.path.isdir(resolve(getattr(config, key))):
-            shipped = getattr(config, key) == getattr(TrainConfig, key)
-            raise Stop(f"--{key} {getattr(config, key)}: no such checkpoint directory"
-                       + (" (the shipped tiny bases; python make_bases.py regenerates them)" if shipped else ""))
+    tokenizer, images = read_bases(config)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -705,10 +852,8 @@ def train(config, runtime, resumed=None, init=None):
             dist.barrier()
         data_path, world_val = world_files(config.stage)
         val_data_path = val_data_path or world_val
-    tokenizer = load_tokenizer(resolve(config.llm_path))
     runtime.pad_token_id = next((tokenizer.token_to_id(t) for t in ("<pad>", "<unk>")
                                  if tokenizer.token_to_id(t) is not None), 0)
-    images = image_settings(resolve(config.vision_path))
     data_settings = dict(image_folder=config.image_folder or os.path.dirname(os.path.abspath(data_path)),
                          tokenizer=tokenizer, template=config.template, image_size=images["size"],
                          aspect=config.image_aspect, mean=images["mean"], std=images["std"],
@@ -722,17 +867,18 @@ def train(config, runtime, resumed=None, init=None):
 
     # model: the bases (or the base a LoRA run sits on), W fresh or from --init, or everything trained so far from
     # --resume
+    init_path = init_location(config.init) if init is not None else None
     if init is not None:
-        check_bases(init, config.init, config)
+        check_bases(init, init_path, config)
     if resumed is not None:
         check_bases(resumed, checkpoint_path, config)
-    base = run_base(config, init, resumed)
+    base = run_base(config, init, init_path, resumed)
     trained = resumed if resumed is not None else init if not base else None  # a base comes whole, nothing to add
     if config.stage == 2 and resumed is None and init is None:
         print("note: stage 2 without --init: W starts from scratch (the paper's ablation without stage 1)")
     try:  # bases that do not load, or trained weights that do not fit them
         raw = build_model(config, runtime, trained and trained["model"], base=base, with_adapters=resumed is not None,
-                          source=checkpoint_path if resumed is not None else config.init)
+                          source=checkpoint_path if resumed is not None else init_path)
     except (OSError, ValueError) as error:
         raise Stop(str(error)) from None
     max_length = min(config.max_length, raw.llm.config.max_position_embeddings)
@@ -757,8 +903,8 @@ def train(config, runtime, resumed=None, init=None):
         step = last_checkpoint = resumed["step"]
         skipped_in_epoch = resumed["skipped_in_epoch"]
     elif runtime.master:
-        if os.path.exists(checkpoint_path):
-            print(f"note: {checkpoint_path} exists and will be overwritten (--resume continues it)")
+        if os.path.exists(checkpoint_path):  # make_config let it through: --overwrite true
+            print(f"note: --overwrite: this run's first checkpoint replaces {checkpoint_path}")
         os.makedirs(out_dir, exist_ok=True)
         open(os.path.join(out_dir, "log.jsonl"), "w").close()
 
@@ -771,8 +917,10 @@ def train(config, runtime, resumed=None, init=None):
     what = "W" if config.stage == 1 else "W and the LLM" if not config.lora_r else (
         f"W and LoRA adapters: r {config.lora_r}, alpha {raw.config.lora_alpha:g} on {config.lora_targets}")
     print(f"model: vision {config.vision_path}, LLM {config.llm_path}, projector {config.projector}"
-          + (f" from {config.init}" if init is not None else "") + (f", sitting on {base}" if base else "")
+          + (f", sitting on {base}" if base else "")
           + f" | {trainable:,} trainable parameters ({what})")
+    if init is not None:
+        print(describe_init(init, init_path))
     print(f"data: {data_path}, {len(dataset):,} samples, template {config.template}, image {config.image_aspect} | "
           + (f"held out: {val_data_path}, {len(val_dataset):,} samples" if val_dataset else "no held-out data"))
     print(f"steps: {total_steps} ({steps_per_epoch} per epoch) | global batch {config.global_batch_size} = "
@@ -900,7 +1048,7 @@ def main(argv=None):
     except Stop as error:  # every process stops at the same point, for the same reason
         end_processes(runtime)
         if runtime is None or runtime.master:
-            raise SystemExit(f"train.py: {error}") from None
+            raise SystemExit(f"train.py: error: {error}") from None
         raise SystemExit(1) from None
 
 

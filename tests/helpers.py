@@ -31,3 +31,20 @@ def save_tiny_bases(directory, seed=0):
     vision.save_pretrained(str(directory / "vision"))
     llm.save_pretrained(str(directory / "llm"))
     return str(directory / "vision"), str(directory / "llm")
+
+
+def assert_bf16_parity(ours, theirs, theirs_fp32, what, multiple=0.5):
+    """
+    Ours in bfloat16 against transformers in the same setting, with a tolerance measured on these very inputs:
+    transformers' own bf16 error, its bf16 result against its float32 one (the gap). In a forward pass both round the
+    same operations in the same order (bitwise equal on this CPU), so a difference may only come from a kernel
+    summing in another order, far below bf16's own error: half the gap is allowed (multiple=0.5). What is not the
+    same bf16 computation fails: float32 throughout differs by the whole gap, a cast moved (the RMSNorm weight
+    applied before it) by 1.25 of it. Callers whose two sides round differently by design say so and pass another
+    multiple.
+    """
+    gap = (theirs.float() - theirs_fp32.float()).abs().max().item()
+    difference = (ours.float() - theirs.float()).abs().max().item()
+    assert gap > 1e-4 * theirs_fp32.abs().max().item(), f"{what}: bf16 changed nothing ({gap:.1e}): not bf16?"
+    assert difference <= multiple * gap, (f"{what}: ours differs from transformers by {difference:.2e}, more than "
+                                          f"{multiple} x transformers' own bf16 error {gap:.2e}")

@@ -8,7 +8,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from clip import CLIP, CLIPVision
-from helpers import randomize
+from helpers import assert_bf16_parity, randomize
 
 VISION = {
     "224_patch16_quick_gelu": dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
@@ -90,14 +90,26 @@ def test_whole_clip_logits_and_text_tower_equal_transformers(tmp_path, vision_na
         assert (ours(pixel_values, input_ids) - expected.logits_per_image).abs().max() <= 1e-5
 
 
-def test_fp16_checkpoint_loads_and_runs_in_bfloat16(tmp_path):
+def test_fp16_checkpoint_loads_into_float32_and_into_bfloat16_and_autocast_with_transformers_values(tmp_path):
     theirs, path = make_hf_clip(tmp_path, "224_patch16_quick_gelu")
     theirs.half().save_pretrained(path)
-    reference = transformers.CLIPModel.from_pretrained(path, dtype=torch.float32).eval()
-    assert_every_hidden_state_equal(CLIPVision.from_pretrained(path).eval(), reference.vision_model,
-                                    pixels("224_patch16_quick_gelu"))
-    vision = CLIPVision.from_pretrained(path, dtype=torch.bfloat16)
-    assert vision(pixels("224_patch16_quick_gelu")).dtype == torch.bfloat16
+    reference = transformers.CLIPModel.from_pretrained(path, dtype=torch.float32).eval().vision_model
+    pixel_values = pixels("224_patch16_quick_gelu")
+    assert_every_hidden_state_equal(CLIPVision.from_pretrained(path).eval(), reference, pixel_values)
+    ours_bf16 = CLIPVision.from_pretrained(path, dtype=torch.bfloat16).eval()
+    theirs_bf16 = transformers.CLIPModel.from_pretrained(path, dtype=torch.bfloat16).eval().vision_model
+    ours = CLIPVision.from_pretrained(path).eval()
+    with torch.no_grad():
+        for layer in (-2, -1):  # LLaVA's features, and the last block
+            float32 = reference(pixel_values=pixel_values, output_hidden_states=True).hidden_states[layer]
+            features = ours_bf16(pixel_values, layer=layer)
+            assert features.dtype == torch.bfloat16
+            expected = theirs_bf16(pixel_values=pixel_values.bfloat16(), output_hidden_states=True).hidden_states[layer]
+            assert_bf16_parity(features, expected, float32, f"bfloat16 weights, layer {layer}")
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                expected = reference(pixel_values=pixel_values, output_hidden_states=True).hidden_states[layer]
+                assert_bf16_parity(ours(pixel_values, layer=layer), expected, float32,
+                                   f"float32 weights under autocast, layer {layer}")
 
 
 def test_forward_runs_only_the_blocks_the_layer_index_needs(tmp_path):

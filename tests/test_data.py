@@ -381,7 +381,7 @@ def items_in_workers(dataset):
     return [item for batch in loader for item in batch]
 
 
-def test_dataset_placement_is_seeded_per_epoch_half_first_and_same_in_workers(tmp_path):
+def test_dataset_placement_is_drawn_from_seed_and_epoch_half_first_and_same_in_workers(tmp_path):
     Image.new("RGB", (8, 8), (10, 200, 30)).save(tmp_path / "a.png")
     tokenizer = TOKENIZERS["byte_level"]
     records = [record(str(k), SINGLE, "a.png") for k in range(1000)]
@@ -397,7 +397,9 @@ def test_dataset_placement_is_seeded_per_epoch_half_first_and_same_in_workers(tm
     assert epoch1 != epoch0 and 440 <= sum(epoch1) <= 560
     in_workers = items_in_workers(dataset)
     assert [torch.equal(item["input_ids"], first_ids) for item in in_workers] == epoch1
-    assert LLaVADataset(records, tmp_path, tokenizer, image_size=16, seed=1)[0] is not None
+    reseeded = LLaVADataset(records, tmp_path, tokenizer, image_size=16, seed=1)  # epoch 0 again, another seed
+    other_seed = [torch.equal(reseeded[k]["input_ids"], first_ids) for k in range(200)]
+    assert other_seed != epoch0[:200] and 70 <= sum(other_seed) <= 130
 
 
 def test_each_bad_input_yields_its_message_and_the_rest_loads(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """llama.py against transformers' LlamaForCausalLM, on checkpoints transformers itself writes (random weights)."""
 import json
+import math
 import os
 
 import pytest
@@ -7,8 +8,9 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from helpers import randomize
-from llama import Llama, LlamaConfig, sample_next_token
+import llama
+from helpers import assert_bf16_parity, randomize
+from llama import Llama, LlamaConfig, next_token_probabilities, sample_next_token
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
@@ -70,17 +72,25 @@ def test_sharded_checkpoint_loads_equal_to_transformers(tmp_path):
     assert_matches_transformers(ours, theirs, torch.randint(0, 128, (1, 17)))
 
 
-def test_fp16_checkpoint_loads_into_float32_and_bfloat16(tmp_path):
-    model, _ = make_hf_llama(tmp_path, "mha_untied")
+def test_fp16_checkpoint_loads_into_float32_and_into_bfloat16_and_autocast_with_transformers_values(tmp_path):
+    model, _ = make_hf_llama(tmp_path, "gqa_biases_headdim")
     path = str(tmp_path / "fp16")
     model.half().save_pretrained(path)
     assert next(iter(load_file(os.path.join(path, "model.safetensors")).values())).dtype == torch.float16
     theirs = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ours = Llama.from_pretrained(path, dtype=torch.float32).eval()
-    assert_matches_transformers(ours, theirs, torch.randint(0, 128, (2, 23)))
-    ours_bf16 = Llama.from_pretrained(path, dtype=torch.bfloat16)
+    input_ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(2))
+    assert_matches_transformers(ours, theirs, input_ids)
+    ours_bf16 = Llama.from_pretrained(path, dtype=torch.bfloat16).eval()
+    theirs_bf16 = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     assert all(p.dtype == torch.bfloat16 for p in ours_bf16.parameters())
-    assert ours_bf16(torch.randint(0, 128, (1, 9))).dtype == torch.bfloat16
+    with torch.no_grad():
+        float32 = theirs(input_ids).logits
+        logits = ours_bf16(input_ids)
+        assert logits.dtype == torch.bfloat16
+        assert_bf16_parity(logits, theirs_bf16(input_ids).logits, float32, "bfloat16 weights")
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 weights, bf16 matmuls: training's default on CUDA
+            assert_bf16_parity(ours(input_ids), theirs(input_ids).logits, float32, "float32 weights under autocast")
 
 
 def test_rope_parameters_at_top_level_or_nested_give_the_same_config():
@@ -108,32 +118,99 @@ def test_greedy_32_tokens_cached_equals_uncached_equals_transformers_generate(tm
     assert torch.equal(cached, expected)
 
 
-def test_left_padded_batch_generates_what_each_prompt_generates_alone(tmp_path):
+def record_sampled_logits(monkeypatch):
+    """The logits every generation step samples from, (B, vocab) per step, as generate_stream hands them over."""
+    steps = []
+
+    def recording(logits, *args, **kwargs):
+        steps.append(logits.clone())
+        return sample_next_token(logits, *args, **kwargs)
+    monkeypatch.setattr(llama, "sample_next_token", recording)
+    return steps
+
+
+def test_left_padded_batch_has_at_every_step_the_logits_of_each_prompt_alone(tmp_path, monkeypatch):
     _, path = make_hf_llama(tmp_path, "gqa_tied_theta5e5", seed=4)
     ours = Llama.from_pretrained(path).eval()
-    short, long = torch.randint(3, 128, (1, 5)), torch.randint(3, 128, (1, 12))
+    generator = torch.Generator().manual_seed(5)
+    short, long = (torch.randint(3, 128, (1, n), generator=generator) for n in (5, 12))
     batch = torch.cat([torch.cat([torch.zeros(1, 7, dtype=torch.long), short], 1), long])  # left-padded
-    mask = batch != 0
-    mask[1] = True
+    mask = torch.ones_like(batch, dtype=torch.bool)
+    mask[0, :7] = False
+    steps = record_sampled_logits(monkeypatch)
     together = ours.generate(batch, attention_mask=mask, max_new_tokens=10)
-    assert torch.equal(together[0], ours.generate(short, max_new_tokens=10)[0])
-    assert torch.equal(together[1], ours.generate(long, max_new_tokens=10)[0])
+    batched = torch.stack(steps, 1)  # (B, 10, vocab)
+    for row, prompt in enumerate((short, long)):
+        steps.clear()
+        assert torch.equal(together[row], ours.generate(prompt, max_new_tokens=10)[0])
+        difference = (batched[row] - torch.stack(steps, 1)[0]).abs().max()
+        assert difference <= 1e-5, f"row {row}: logits differ from the prompt's alone by {difference:.2e}"
+    steps.clear()
     assert torch.equal(together, ours.generate(batch, attention_mask=mask, max_new_tokens=10, use_cache=False))
+    assert (torch.stack(steps, 1) - batched).abs().max() <= 1e-5  # the uncached reference, at every step too
 
 
-def test_generation_stops_at_stop_token_and_sampling_respects_top_k_top_p():
-    logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]])
-    generator = torch.Generator().manual_seed(0)
-    assert sample_next_token(logits) == 1
-    draws = {int(sample_next_token(logits, 1.0, top_k=2, generator=generator)) for _ in range(200)}
-    assert draws == {1, 2}
-    assert {int(sample_next_token(logits, 1.0, top_p=0.5, generator=generator)) for _ in range(50)} == {1}
-    config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, head_dim=8)
-    model = Llama(config).eval()
-    first = model.generate(torch.tensor([[3, 4]]), max_new_tokens=5)[0, 0]
-    stopped = model.generate(torch.tensor([[3, 4]]), max_new_tokens=5, stop_token_ids=[int(first)])
-    assert stopped.shape == (1, 1)
+LOGITS = [1.0, 3.0, 2.0, 0.0, -1.0]  # token 1 most likely, then 2, 0, 3, 4
+E = math.exp
+
+
+def normalized(weights):
+    return [w / sum(weights) for w in weights]
+
+
+SAMPLING_CASES = {  # (temperature, top_k, top_p): the distribution worked out by hand from LOGITS
+    "temperature 2": ((2.0, 0, 1.0), normalized([E(0.5), E(1.5), E(1.0), E(0.0), E(-0.5)])),
+    "temperature 0.5, top 2": ((0.5, 2, 1.0), [0, 1 / (1 + E(-2)), 1 / (1 + E(2)), 0, 0]),
+    # e^z / S sorted: 0.636, 0.234, 0.086, ...; 0.636 + 0.234 = 0.870 reaches 0.8 but not 0.9
+    "top_p 0.8": ((1.0, 0, 0.8), [0, E(3) / (E(3) + E(2)), E(2) / (E(3) + E(2)), 0, 0]),
+    "top_p 0.9": ((1.0, 0, 0.9), normalized([E(1), E(3), E(2), 0, 0])),
+    # at temperature 0.5 the top 3 are e^6, e^4, e^2 over their sum: 0.867, 0.117, 0.016; 0.867 + 0.117 reaches 0.9
+    "temperature 0.5, top 3, top_p 0.9": ((0.5, 3, 0.9), [0, 1 / (1 + E(-2)), 1 / (1 + E(2)), 0, 0]),
+}
+
+
+@pytest.mark.parametrize("case", list(SAMPLING_CASES))
+def test_sampling_distribution_equals_the_hand_computed_one_and_draws_follow_it(case):
+    (temperature, top_k, top_p), expected = SAMPLING_CASES[case]
+    logits = torch.tensor([LOGITS])
+    probabilities = next_token_probabilities(logits, temperature, top_k, top_p)[0]
+    torch.testing.assert_close(probabilities, torch.tensor(expected), atol=1e-6, rtol=1e-5)
+    # 20000 draws at once, seeded: each frequency within 5 standard errors, nothing outside the kept tokens
+    draws = sample_next_token(logits.expand(20000, -1), temperature, top_k, top_p,
+                              generator=torch.Generator().manual_seed(0))
+    frequencies = (torch.bincount(draws, minlength=len(LOGITS)).double() / len(draws)).tolist()
+    for token, p in enumerate(expected):
+        assert abs(frequencies[token] - p) <= 5 * math.sqrt(p * (1 - p) / len(draws)), (token, frequencies, expected)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_it_even_at_the_exact_boundary_each_row_its_own():
+    # probabilities exactly 1/8, 1/2, 1/8, 1/4: 1/2 + 1/4 reaches 0.75, so both 1/8 go (as transformers cuts)
+    exact = [math.log(p) for p in (0.125, 0.5, 0.125, 0.25)]
+    logits = torch.tensor([exact, LOGITS[:4]])  # a batch: each row is cut where its own probabilities say
+    probabilities = next_token_probabilities(logits, 1.0, 0, 0.75)
+    assert probabilities[0].tolist() == pytest.approx([0, 2 / 3, 0, 1 / 3])
+    # row 1: e^z / S = 0.087, 0.644, 0.237, 0.032; 0.644 + 0.237 reaches 0.75
+    assert probabilities[1].tolist() == pytest.approx([0, E(3) / (E(3) + E(2)), E(2) / (E(3) + E(2)), 0])
+    assert next_token_probabilities(logits, 1.0, 0, 1e-9).tolist() == [[0, 1, 0, 0]] * 2  # the best always stays
+
+
+def test_rows_of_a_batch_stop_at_different_steps_each_repeating_its_own_stop_token(tmp_path):
+    _, path = make_hf_llama(tmp_path, "mha_untied", seed=5)
+    ours = Llama.from_pretrained(path).eval()
+    prompts = [torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(n)) for n in (4, 9)]
+    alone = [ours.generate(prompt, max_new_tokens=12)[0].tolist() for prompt in prompts]
+    # row 0 stops at its 2nd token, row 1 at its 5th, on another token; row 0's is the list's second, so a stopped
+    # row that repeated the list's first stop token instead of its own would show
+    stops = [alone[1][4], alone[0][1]]
+    assert stops[1] not in alone[0][:1] + alone[1][:5] and stops[0] not in alone[0][:2] + alone[1][:4], alone
+    batch = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), prompts[0]], 1), prompts[1]])
+    mask = torch.ones_like(batch, dtype=torch.bool)
+    mask[0, :5] = False
+    expected = torch.tensor([alone[0][:2] + [stops[1]] * 3, alone[1][:5]])
+    for sampling in (dict(), dict(temperature=0.7, top_k=1), dict(temperature=1.5, top_p=1e-6)):  # all greedy
+        generated = ours.generate(batch, attention_mask=mask, max_new_tokens=12, stop_token_ids=stops,
+                                  generator=torch.Generator().manual_seed(0), **sampling)
+        assert torch.equal(generated, expected), (sampling, generated, expected)
 
 
 def rewrite_checkpoint(path, change):
@@ -184,15 +261,21 @@ def test_save_pretrained_round_trips_through_transformers(tmp_path):
         assert (reloaded(input_ids).logits - theirs(input_ids).logits).abs().max() <= 1e-5
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_gives_the_same_gradients_well_above_the_tolerance():
     config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    model = Llama(config)
-    input_ids = torch.randint(0, 32, (2, 10))
-    model(input_ids).square().mean().backward()
-    plain = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
+    model = randomize(Llama(config))  # norms != 1: a block recomputed without its weights would show
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, 32, (2, 10), generator=generator)
+    directions = torch.randn(2, 10, 32, generator=generator)  # a loss that reaches every logit with weight ~1
+
+    def gradients():
+        model.zero_grad()
+        (model(input_ids) * directions).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+    plain = gradients()
     model.gradient_checkpointing = True
-    model(input_ids).square().mean().backward()
-    for a, p in zip(plain, model.parameters()):
-        assert torch.allclose(a, p.grad, atol=1e-6)
+    checkpointed = gradients()
+    for (name, _), a, b in zip(model.named_parameters(), plain, checkpointed):
+        assert a.abs().max() >= 1e-2, f"{name}: gradient {a.abs().max():.1e} too small to tell anything apart"
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)

@@ -3,6 +3,7 @@ KV-cache reuse, bad inputs, and the held-out eval."""
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import sample
+import tinyllava
 from data import load_image, process_image
 from helpers import TINY_LLAMA, TINY_VISION, randomize
 from tinyllava import IMAGE_TOKEN_INDEX, TinyLLaVA, TinyLLaVAConfig
@@ -142,6 +144,50 @@ def test_cli_greedy_answer_is_reproducible_and_equals_tinyllava_generate_also_ba
     assert capsys.readouterr().out == "".join(f"{image}: {answer}\n" for image, answer in zip(tiny.images, expected))
 
 
+def test_batch_of_different_prompts_and_image_sizes_answers_each_row_as_it_alone(tiny, monkeypatch):
+    """sample.py's batches of different questions (the eval's): the prompts differ in length, so the rows are
+    left-padded, and each row must still generate, id for id, what its prompt generates alone."""
+    model = TinyLLaVA.from_pretrained(tiny.ckpt).eval()
+    questions = ["Is it red?", "Describe it.", QUESTION + " " + FOLLOW_UP]
+    images = [tiny.images[k] for k in (0, 2, 1)]  # 24x14, 18x18 and 13x21 pixels
+    assert len({len(vicuna_ids(tiny.tokenizer, [q])) for q in questions}) == 3
+    alone = []
+    for question, image in zip(questions, images):
+        pixel_values = process_image(load_image(image), 16, "crop")[None]
+        generated = model.generate([vicuna_ids(tiny.tokenizer, [question])], pixel_values, max_new_tokens=10,
+                                   stop_token_ids=[EOS])[0]
+        alone.append(until_stop(generated.tolist()))
+    assert all(len(ids) > 2 for ids in alone) and len({tuple(ids) for ids in alone}) == 3
+    decoded, decode = [], sample.decode_answer
+
+    def recording(ids, *rest):  # the ids each row generated, as evaluate decodes them
+        decoded.append(until_stop(ids))
+        return decode(ids, *rest)
+    monkeypatch.setattr(sample, "decode_answer", recording)
+    items = [dict(id=str(k), image=image, question=question, answer=tiny.tokenizer.decode(ids).strip(), type="any")
+             for k, (question, image, ids) in enumerate(zip(questions, images, alone))]
+    accuracy = sample.evaluate(model, tiny.tokenizer, items, [load_image(image) for image in images], "crop",
+                               batch=3, max_new=10, out=io.StringIO())
+    assert decoded == alone and accuracy == 1.0
+
+
+def test_sampling_with_a_seed_is_reproducible_and_is_generate_with_that_seeded_generator(tiny, capsys):
+    args = ["--ckpt", tiny.ckpt, "--image", tiny.images[0], "--prompt", QUESTION, "--max_new_tokens", "12",
+            "--temperature", "1.5", "--top_k", "50", "--top_p", "0.95"]
+    printed = []
+    for seed in (7, 7, 8):
+        assert sample.main(args + ["--seed", str(seed)]) == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and printed[2] != printed[0]
+    model = TinyLLaVA.from_pretrained(tiny.ckpt).eval()
+    pixel_values = process_image(load_image(tiny.images[0]), 16, "crop")[None]
+    sampled = model.generate([vicuna_ids(tiny.tokenizer, [QUESTION])], pixel_values, max_new_tokens=12,
+                             stop_token_ids=[EOS], temperature=1.5, top_k=50, top_p=0.95,
+                             generator=torch.Generator().manual_seed(7))[0]
+    assert printed[0] == tiny.tokenizer.decode(until_stop(sampled.tolist())).strip() + "\n"
+    assert printed[0] != our_answer(tiny, model, QUESTION, tiny.images[0], 12) + "\n"  # not the greedy answer
+
+
 def test_hf_llava_directory_gives_transformers_greedy_text_with_padded_images(tiny):
     prompt = vicuna_ids(tiny.tokenizer, [QUESTION])
     expanded = []
@@ -251,19 +297,22 @@ def bad_inputs(tiny, tmp_path):
         "chat question over the context by its image tokens": (  # --prompt is the chat's first question
             ["--image", image, "--ckpt", tiny.ckpt, "--chat", "--prompt", long_prompt(tiny, CONTEXT + 1)],
             "conversation is too long"),
-        "--chat with a stage-1 model": (["--image", image, "--ckpt", tiny.plain, "--chat"], "drop --chat"),
+        "--chat with a stage-1 model, refused before loading it": (
+            ["--image", image, "--ckpt", tiny.plain, "--chat"], "drop --chat"),
+        "a directory without ckpt.pt": (["--image", image, "--ckpt", str(tmp_path)], "no ckpt.pt"),
     }
 
 
 def test_each_bad_input_gives_one_error_line_naming_it_and_a_nonzero_exit(tiny, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # no out/ here, for the default checkpoint
+    monkeypatch.chdir(tmp_path)  # no out/ here, nor in the repository, for the default checkpoint
+    monkeypatch.setattr(sample, "REPO_DIR", str(tmp_path))
     for name, (args, culprit) in bad_inputs(tiny, tmp_path).items():
         assert sample.main(args) == 1, name
         errors = capsys.readouterr().err.splitlines()
         assert errors[-1].startswith("sample.py: error: ") and culprit in errors[-1], (name, errors)
         assert sum("error" in line for line in errors) == 1 and not any("Traceback" in e for e in errors), name
-        if "before" in name:
-            assert errors == [errors[-1]] and "missing.pt" not in errors[-1]  # no model was even looked for
+        if "before" in name:  # nothing printed before the error: no loading line, no chat banner
+            assert errors == [errors[-1]] and "missing.pt" not in errors[-1]  # and no other model looked for
     # the prompt that exactly fills the context, image tokens included, is fine, and leaves room for one token
     fills = long_prompt(tiny, CONTEXT)
     assert sample.main(["--image", tiny.images[0], "--ckpt", tiny.ckpt, "--prompt", fills,
@@ -281,6 +330,57 @@ def test_bad_input_from_the_command_line_exits_nonzero_without_traceback(tiny, t
     assert result.returncode == 1 and result.stdout == ""
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1].startswith("sample.py: error: ") and culprit in result.stderr
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", ""], "--prompt is empty: ask a question, or leave --prompt out for the default"),
+    (["--prompt", "  \t "], "--prompt is empty"),
+    (["--chat", "--prompt", " "], "--prompt is empty"),
+    (["--temprature", "0.2"], "unknown flag --temprature (did you mean --temperature?)"),
+    (["--max-new-tokens", "0"], "--max_new_tokens 0 is out of range"),
+    (["--threads", "-1"], "--threads -1 is out of range"),
+    (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+    (["--max_new"], "unknown flag --max_new (did you mean --max_new_tokens?)"),  # no abbreviations, as train.py
+])
+def test_flag_mistakes_are_one_line_naming_the_flag(tiny, args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        sample.main(["--image", tiny.images[0], "--ckpt", tiny.ckpt, *args])
+    assert exit.value.code == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.count("\n") == 1, printed.err
+    assert printed.err.startswith("sample.py: error: ") and message in printed.err
+
+
+def test_flags_are_spelled_as_train_py_spells_them(tiny, capsys, monkeypatch):
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # seen, not applied to the other tests
+    common = ["--image", tiny.images[0], "--ckpt", tiny.ckpt, "--prompt", QUESTION]
+    assert sample.main(common + ["--max_new_tokens", "6"]) == 0
+    expected = capsys.readouterr().out
+    assert sample.main(common + ["--max-new-tokens=6", "--threads", "1", "--dtype", "auto", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == expected and threads == [1]
+
+
+def test_checkpoints_are_found_in_the_repository_from_any_directory(tiny, tmp_path, monkeypatch, capsys):
+    """out/ and --ckpt paths, as train.py's --init: relative to the working directory, else to the repository."""
+    repository, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    (repository / "out" / "stage2").mkdir(parents=True)
+    elsewhere.mkdir()
+    shutil.copy(tiny.ckpt, repository / "out" / "stage2" / "ckpt.pt")
+    monkeypatch.setattr(sample, "REPO_DIR", str(repository))
+    monkeypatch.setattr(tinyllava, "REPO_DIR", str(repository))
+    monkeypatch.chdir(elsewhere)
+    for args in ([], ["--ckpt", "out/stage2"], ["--ckpt", "out/stage2/ckpt.pt"]):
+        assert sample.main(["--image", tiny.images[0], "--max_new_tokens", "3", *args]) == 0, args
+        assert f"loading {repository}/out/stage2" in capsys.readouterr().err
+
+
+def test_help_explains_every_flag_and_ends_with_the_examples():
+    parser = sample.make_parser()
+    assert all(action.help for action in parser._actions)
+    text = parser.format_help()
+    assert "--max_new_tokens N" in text and "(default: 256)" in text and "--threads N" in text
+    examples = text.split("Examples:")[1].strip().splitlines()
+    assert len(examples) >= 5 and all(line.strip().startswith("python sample.py ") for line in examples)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Held-out eval

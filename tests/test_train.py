@@ -1,5 +1,8 @@
-"""train.py on tiny models: what each stage trains, exact resume, the same steps whatever the number of processes,
+"""train.py on tiny models: what each stage trains, exact resume (also across process counts, sharding and batch
+sizes), the same steps whatever the number of processes, gradient checkpointing and compile, length-grouped epochs,
 the recipe's pieces, and the refusals (wrong bases, bad flags, NaN, bad data)."""
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -12,6 +15,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+import tinyllava
 import train
 import world
 from helpers import TINY_LLAMA, TINY_VISION, randomize
@@ -116,6 +120,20 @@ def test_stage2_trains_w_and_the_llm_from_the_stage1_w_never_vision(tiny, tmp_pa
     assert saved["config"]["template"] == "vicuna_v1"
 
 
+def assert_same_optimizer_state(resumed, whole, steps, rtol):
+    """Adam's moments of every trained tensor and its step count, and each group's learning rate, as the
+    uninterrupted run left them (keyed by parameter name, whatever the wrapping)."""
+    states, expected = resumed["optimizer"]["state"], whole["optimizer"]["state"]
+    assert states.keys() == expected.keys() == resumed["model"].keys()
+    for name, state in expected.items():
+        assert int(states[name]["step"]) == int(state["step"]) == steps, name
+        for key in ("exp_avg", "exp_avg_sq"):  # relative to each tensor's largest entry: both span many decades
+            torch.testing.assert_close(states[name][key], state[key], rtol=rtol,
+                                       atol=rtol * float(state[key].abs().max()), msg=f"{name} {key}")
+    assert [g["lr"] for g in resumed["optimizer"]["param_groups"]] == pytest.approx(
+        [g["lr"] for g in whole["optimizer"]["param_groups"]], rel=1e-12)
+
+
 def test_stopped_and_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny, tmp_path):
     # 12 samples in global batches of 4: 3 steps per epoch, so the 5 steps cross an epoch boundary
     common = dict(max_steps=5, checkpoint_interval=2)
@@ -128,8 +146,7 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_
     assert whole["model"].keys() == parts["model"].keys()
     for name in whole["model"]:
         assert (whole["model"][name] - parts["model"][name]).abs().max() <= 1e-6, name
-    for name, state in whole["optimizer"]["state"].items():
-        assert torch.allclose(state["exp_avg_sq"], parts["optimizer"]["state"][name]["exp_avg_sq"], atol=1e-9)
+    assert_same_optimizer_state(parts, whole, steps=5, rtol=1e-6)
     losses = {r["step"]: r["loss"] for r in train_log(tmp_path / "whole")}
     resumed = {r["step"]: r["loss"] for r in train_log(tmp_path / "parts")}
     assert sorted(resumed) == [1, 2, 3, 4, 5]
@@ -155,6 +172,16 @@ def test_accumulating_micro_batches_takes_the_step_of_the_whole_batch(tiny, tmp_
             [r[key] for r in train_log(tmp_path / "4")], rel=1e-5)
 
 
+def torchrun(argv, processes=2):
+    """train.py under torchrun on the CPU (gloo); fails the test with the run's output if it fails."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               os.path.join(REPO, "train.py")] + argv
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.torchrun
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_processes_under_torchrun_take_the_same_steps_as_one(tiny, tmp_path, sharding):
     """gloo on CPU: 2 processes x micro-batch 2 against 1 process x 2 micro-batches of 2, same global batch of 4.
@@ -169,12 +196,9 @@ def test_two_processes_under_torchrun_take_the_same_steps_as_one(tiny, tmp_path,
     common = dict(max_steps=3, eval_interval=2, eval_samples=3, data_path=tmp_path / "data.json",
                   max_bad_fraction=0.6)
     train.main(flags(tiny, tmp_path / "one", **common))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(REPO, "train.py")] + flags(tiny, tmp_path / "two", **common, fsdp=sharding == "fsdp")
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout and result.stdout.count("step 3/3 | epoch") == 1  # rank 0 alone prints
-    assert "skipped: sample" in result.stdout
+    printed = torchrun(flags(tiny, tmp_path / "two", **common, fsdp=sharding == "fsdp"))
+    assert "2 process(es)" in printed and printed.count("step 3/3 | epoch") == 1  # rank 0 alone prints
+    assert "skipped: sample" in printed
     for key in ("loss", "grad_norm"):  # the norm shows a gradient scaled wrong, which Adam and clipping would hide
         assert [r[key] for r in train_log(tmp_path / "two")] == pytest.approx(
             [r[key] for r in train_log(tmp_path / "one")], rel=1e-5)
@@ -184,6 +208,121 @@ def test_two_processes_under_torchrun_take_the_same_steps_as_one(tiny, tmp_path,
     assert one["model"].keys() == two["model"].keys()
     for name in one["model"]:
         torch.testing.assert_close(two["model"][name], one["model"][name], atol=2e-6, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def six_steps(tiny, tmp_path_factory):
+    """An uninterrupted run of 6 steps (2 epochs of 3) in one process, micro-batches of 2: how resumed runs end."""
+    out_dir = tmp_path_factory.mktemp("uninterrupted")
+    train.main(flags(tiny, out_dir, max_steps=6))
+    return out_dir
+
+
+@pytest.mark.torchrun
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_run_resumed_across_process_counts_batch_sizes_and_sharding_ends_as_an_uninterrupted_one(
+        tiny, tmp_path, six_steps, sharding):
+    """Steps 1-2 in one process with micro-batches of 2; 3-4 under torchrun in 2 processes (DDP or FSDP) with
+    micro-batches of 1, crossing the epoch boundary; 5-6 in one process again with one micro-batch of 4. FSDP reloads
+    optimizer state written without it, and writes state read without it."""
+    train.main(flags(tiny, tmp_path, max_steps=6, stop_at_step=2))
+    printed = torchrun(flags(tiny, tmp_path, max_steps=6, resume=True, stop_at_step=4, batch_size=1,
+                             fsdp=sharding == "fsdp"))
+    assert "resuming after step 2" in printed and "global batch 4 = 1 x 2 process(es) x 2 accumulated" in printed
+    assert checkpoint(tmp_path)["step"] == 4 and checkpoint(tmp_path)["world_size"] == 2
+    train.main(flags(tiny, tmp_path, max_steps=6, resume=True, batch_size=4, fsdp=False))  # fsdp: the checkpoint's
+    resumed, whole = checkpoint(tmp_path), checkpoint(six_steps)
+    assert resumed["step"] == 6 and resumed["model"].keys() == whole["model"].keys()
+    for name in whole["model"]:
+        torch.testing.assert_close(resumed["model"][name], whole["model"][name], atol=2e-6, rtol=1e-4, msg=name)
+    assert_same_optimizer_state(resumed, whole, steps=6, rtol=1e-4)
+    assert [r["step"] for r in train_log(tmp_path)] == [1, 2, 3, 4, 5, 6]  # each step of the three parts, once
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in train_log(tmp_path)] == pytest.approx([r[key] for r in train_log(six_steps)], rel=1e-5)
+
+
+def record_gradients(monkeypatch):
+    """[{name: gradient}] of every optimizer step of the runs that follow, as train_step hands them to AdamW."""
+    steps, make_optimizer = [], train.make_optimizer
+
+    def recording(model, *args):
+        optimizer = make_optimizer(model, *args)
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        step = optimizer.step
+
+        def recorded_step(*step_args, **kwargs):
+            steps.append({name: p.grad.clone() for name, p in named})
+            return step(*step_args, **kwargs)
+        optimizer.step = recorded_step
+        return optimizer
+    monkeypatch.setattr(train, "make_optimizer", recording)
+    return steps
+
+
+def test_gradient_checkpointing_and_compile_give_w_and_the_llm_the_plain_gradients(tiny, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """Stage 2 through train.py in micro-batches of 4: every trained tensor's gradient at both steps of a plain run and
+    of a --gradient_checkpointing run, and at the one step of a --compile run (a second step would compile the model
+    again for its other sequence length, as long again), must be the same. No clipping: it would hide a scale."""
+    gradients = record_gradients(monkeypatch)
+    runs = {}
+    variants = [("plain", dict(max_steps=2)), ("checkpointed", dict(max_steps=2, gradient_checkpointing=True))]
+    compiles = torch._dynamo.is_dynamo_supported()
+    if compiles:
+        variants.append(("compiled", dict(max_steps=1, compile=True)))
+        # inductor's C++ code generation takes minutes for this model on 2 CPU cores; aot_eager captures the same
+        # graphs (dynamo, then AOTAutograd's joint forward and backward) and runs them with eager kernels
+        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+        with capsys.disabled():
+            print("\n--compile tested with torch.compile(backend='aot_eager'): inductor's kernels are left out")
+    for name, settings in variants:
+        train.main(flags(tiny, tmp_path / name, batch_size=4, val_data_path="", grad_clip=0, **settings))
+        runs[name], gradients[:] = list(gradients), []
+    plain = runs.pop("plain")
+    assert len(plain) == 2 and {name.split(".")[0] for name in plain[0]} == {"projector", "llm"}
+    for step in plain:
+        for name, gradient in step.items():
+            assert gradient.abs().max() >= 1e-3, f"{name}: gradient {gradient.abs().max():.1e} too small to test"
+    for run, steps in runs.items():
+        assert len(steps) == (1 if run == "compiled" else 2), run
+        for step, (expected, got) in enumerate(zip(plain, steps)):
+            for name in expected:
+                torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-4,
+                                           msg=f"{run}, step {step + 1}: {name}")
+    if not compiles:
+        pytest.skip(f"torch.compile cannot run here (Python {sys.version.split()[0]}, torch {torch.__version__}); "
+                    "gradient checkpointing was checked")
+
+
+def test_group_by_modality_length_sees_every_sample_once_per_epoch_in_one_modality_batches(tiny, tmp_path,
+                                                                                           monkeypatch):
+    records = json.loads((tiny["world"] / "small_stage2.json").read_text())
+    for record in records[::4]:  # 3 of the 12 become text-only
+        del record["image"]
+        record["conversations"][0]["value"] = record["conversations"][0]["value"].replace("<image>", "").strip()
+    shutil.copytree(tiny["world"] / "images", tmp_path / "images")
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    steps, train_step = [], train.train_step
+
+    def recording(model, optimizer, micro_batches, *args, **kwargs):
+        steps.append([(batch["ids"], batch["pixel_values"]) for batch in micro_batches])
+        return train_step(model, optimizer, micro_batches, *args, **kwargs)
+    monkeypatch.setattr(train, "train_step", recording)
+    train.main(flags(tiny, tmp_path / "out", data_path=tmp_path / "data.json", group_by_modality_length=True,
+                     epochs=2, max_steps=0))
+    per_epoch = checkpoint(tmp_path / "out")["steps_per_epoch"]
+    assert len(steps) == 2 * per_epoch
+    text_only = {record["id"] for record in records if "image" not in record}
+    epochs = []
+    for epoch in range(2):
+        micro_batches = [micro for step in steps[epoch * per_epoch:(epoch + 1) * per_epoch] for micro in step]
+        seen = [sample_id for ids, _ in micro_batches for sample_id in ids]
+        assert sorted(seen) == sorted(record["id"] for record in records), f"epoch {epoch}"  # each once
+        for ids, pixel_values in micro_batches:  # image and text-only samples never share a micro-batch
+            assert len({sample_id in text_only for sample_id in ids}) == 1
+            assert (pixel_values is None) == (ids[0] in text_only)
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # a new order each epoch
 
 
 def test_stage2_refuses_a_w_aligned_on_another_llm(tiny, tmp_path):
@@ -200,23 +339,111 @@ def test_stage2_refuses_a_w_aligned_on_another_llm(tiny, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--lerning_rate", "1e-3"], "unknown flag --lerning_rate (did you mean --learning_rate?)"),
     (["--max_steps=ten"], "--max_steps expects an int, got 'ten'"),
+    (["--max-steps", "ten"], "--max_steps expects an int, got 'ten'"),
     (["--compile", "maybe"], "--compile expects true/false/1/0, got 'maybe'"),
     (["--projector", "mlp3x"], "--projector must be one of linear, mlp2x_gelu; got 'mlp3x'"),
-    (["--stage", "1", "--init", "x.pt"], "--init takes a stage-1 checkpoint for stage 2"),
+    (["--stage", "1", "--init", "x.pt"], "--init is for stage 2"),
     (["stage=2"], "unexpected argument 'stage=2'"),
+    (["--stage", "2", "--init", "nowhere/ckpt.pt"], "--init nowhere/ckpt.pt: no such file or directory"),
+    (["--stage", "2", "--init", os.path.join(REPO, "tests")], f"--init {REPO}/tests: no ckpt.pt in this directory"),
+    (["--stage", "2", "--init", os.path.join(REPO, "README.md")], "README.md: not a tinyllava checkpoint"),
+    (["--resume", "--overwrite"], "--resume continues out/stage1/ckpt.pt and --overwrite starts over: give one"),
+    (["--resume"], "--resume: out/stage1/ckpt.pt does not exist"),
 ])
-def test_bad_flags_fail_with_the_flag_named(argv, message):
+def test_bad_flags_fail_with_the_flag_named(argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no out/ here
     with pytest.raises(SystemExit) as error:
         train.main(argv)
-    assert str(error.value).startswith("train.py: ") and message in str(error.value)
+    assert str(error.value).startswith("train.py: error: ") and message in str(error.value)
+    assert "\n" not in str(error.value)
 
 
-def test_flags_parse_to_the_field_types():
+def test_flags_parse_to_the_field_types(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no out/stage2/ckpt.pt here to refuse to overwrite
     assert train.parse_flags(["--learning_rate=2e-5", "--resume", "--batch_size", "8", "--compile", "0",
-                              "--vision_feature_layer", "-1", "--fsdp"]) == dict(
-        learning_rate=2e-5, resume=True, batch_size=8, compile=False, vision_feature_layer=-1, fsdp=True)
+                              "--vision_feature_layer", "-1", "--fsdp", "--max-steps", "3"]) == dict(
+        learning_rate=2e-5, resume=True, batch_size=8, compile=False, vision_feature_layer=-1, fsdp=True, max_steps=3)
     config, _, _ = train.make_config(["--stage=2", "--learning_rate", "1e-4"])
     assert (config.template, config.out_dir, config.learning_rate) == ("vicuna_v1", "out/stage2", 1e-4)
+
+
+def test_help_explains_every_field_under_its_group_from_the_comments_in_trainconfig(capsys):
+    groups = train.explained_fields()
+    names = [name for name, _, _ in groups]  # these five, in this order, and any a later feature adds
+    assert [name for name in names if name in ("model", "data", "optimization", "progress and checkpoints",
+                                               "system")] == ["model", "data", "optimization",
+                                                              "progress and checkpoints", "system"]
+    explained = {name: text for _, _, items in groups for name, text in items}
+    assert list(explained) == [f.name for f in dataclasses.fields(train.TrainConfig)]  # each field, in order, once
+    assert all(text.strip() for text in explained.values()), explained
+    assert train.main(["--help"]) is None
+    printed = capsys.readouterr().out
+    flat = " ".join(printed.split())  # argparse wraps the columns
+    for name, text in explained.items():
+        assert f"--{name} " in printed and " ".join(text.split()) in flat, name
+    # the defaults, per stage where the stage sets them, and the explanations a short run needs
+    assert "(default: 0)" in flat.split("--max_steps INT")[1].split("--global_batch_size")[0]
+    assert "--stop_at_step instead" in explained["max_steps"] and "--resume" in explained["stop_at_step"]
+    assert "(default: stage 1: out/stage1, stage 2: out/stage2)" in flat
+    assert flat.index("model: what trains") < flat.index("--stage INT") < flat.index("data:") < flat.index(
+        "--data_path") < flat.index("optimization:") < flat.index("--max_steps") < flat.index(
+        "progress and checkpoints:") < flat.index("--overwrite BOOL") < flat.index("system:") < flat.index("--threads")
+
+
+def test_a_finished_checkpoint_is_never_overwritten_without_overwrite(tiny, tmp_path):
+    train.main(flags(tiny, tmp_path, max_steps=2))
+    finished = (tmp_path / "ckpt.pt").read_bytes(), (tmp_path / "log.jsonl").read_bytes()
+    for again in ([], ["--init", "", "--learning_rate=0.01"]):  # the same command, or another run into the same dir
+        with pytest.raises(SystemExit) as error:
+            train.main(flags(tiny, tmp_path, max_steps=2) + again)
+        assert f"{tmp_path}/ckpt.pt holds a finished stage-2 run (2 of 2 steps): --overwrite true" in str(error.value)
+        assert ((tmp_path / "ckpt.pt").read_bytes(), (tmp_path / "log.jsonl").read_bytes()) == finished
+    train.main(flags(tiny, tmp_path, max_steps=2, learning_rate=0.01, overwrite=True))  # told to: it replaces it
+    assert (tmp_path / "ckpt.pt").read_bytes() != finished[0]
+    assert checkpoint(tmp_path)["train_config"]["learning_rate"] == 0.01
+
+
+def test_a_stopped_run_is_refused_with_resume_offered(tiny, tmp_path):
+    train.main(flags(tiny, tmp_path, stage=1, max_steps=2, stop_at_step=1))
+    with pytest.raises(SystemExit, match="stage-1 run stopped at step 1 of 2: --resume continues it, --overwrite true"):
+        train.main(flags(tiny, tmp_path, stage=1, max_steps=2))
+    assert checkpoint(tmp_path)["step"] == 1
+
+
+def test_init_takes_a_checkpoint_directory_and_says_what_it_took(tiny, tmp_path, monkeypatch, capsys):
+    train.main(flags(tiny, tmp_path / "stage1", stage=1, max_steps=1))
+    train.main(flags(tiny, tmp_path / "stage2", max_steps=1, init=tmp_path / "stage1"))  # a directory
+    assert f"init: W only, from {tmp_path}/stage1/ckpt.pt (a stage-1 checkpoint, step 1 of 1)" in \
+        capsys.readouterr().out
+    stage2 = checkpoint(tmp_path / "stage2")
+    before, _ = run_capturing_start(monkeypatch, flags(tiny, tmp_path / "again", max_steps=1,
+                                                      init=tmp_path / "stage2"))
+    assert f"init: W and the LLM, from {tmp_path}/stage2/ckpt.pt (a stage-2 checkpoint, step 1 of 1)" in \
+        capsys.readouterr().out
+    assert any(name.startswith("llm.") for name in stage2["model"])
+    for name, tensor in stage2["model"].items():  # W and every LLM tensor start where stage 2 left them
+        assert torch.equal(before[name], tensor), name
+    # found as sample.py finds paths: relative to the working directory, else to the repository
+    monkeypatch.setattr(tinyllava, "REPO_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "again")
+    _, _, init = train.make_config(flags(tiny, tmp_path / "elsewhere", init="stage1"))
+    assert init["train_config"]["stage"] == 1
+
+
+def test_a_base_without_tokenizer_json_is_one_line_naming_the_flag(tiny, tmp_path):
+    shutil.copytree(tiny["llm"], tmp_path / "llm", ignore=shutil.ignore_patterns("tokenizer.json"))
+    with pytest.raises(SystemExit) as error:
+        train.main(flags(tiny, tmp_path / "out", stage=1, max_steps=1, llm_path=tmp_path / "llm"))
+    assert str(error.value) == f"train.py: error: --llm_path: {tmp_path}/llm: no tokenizer.json here (only the " \
+                               "fast-tokenizer file is read)"
+    (tmp_path / "llm" / "tokenizer.model").write_bytes(b"")  # a sentencepiece checkpoint: the message says the fix
+    with pytest.raises(SystemExit, match=r"only a sentencepiece tokenizer.model; write the tokenizer.json once with "
+                                         r"transformers: python -c .*AutoTokenizer.from_pretrained\("):
+        train.main(flags(tiny, tmp_path / "out", stage=1, max_steps=1, llm_path=tmp_path / "llm"))
+    os.remove(tmp_path / "llm" / "model.safetensors")
+    with pytest.raises(SystemExit, match=r"--llm_path: .*neither model.safetensors nor"):
+        train.main(flags(tiny, tmp_path / "out", stage=1, max_steps=1, llm_path=tmp_path / "llm"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny, tmp_path, monkeypatch):
@@ -244,7 +471,7 @@ def test_unreadable_images_are_reported_skipped_and_stop_the_run_past_max_bad_fr
     train.main(flags(tiny, **settings, max_bad_fraction=0.1))
     assert f"skipped: sample {records[0]['id']}: cannot load image" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"1 bad samples in epoch 0 of .*more than --max_bad_fraction 0\.05 of its 16"):
-        train.main(flags(tiny, **settings, max_bad_fraction=0.05))
+        train.main(flags(tiny, **settings, max_bad_fraction=0.05, overwrite=True))
 
 
 def test_every_step_sees_the_same_global_batch_whatever_the_processes_and_micro_batches():
