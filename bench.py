@@ -288,6 +288,11 @@ def bench_lora(directory):
                "full": train.TrainConfig(**common, learning_rate=2e-5)}
     settings = {"float32": (train.Runtime(), False), "float32, gradient checkpointing": (train.Runtime(), True),
                 "bf16 autocast, gradient checkpointing": (train.Runtime(autocast_dtype=torch.bfloat16), True)}
+    rounds = ROUNDS
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":  # no fast bf16 matmul: minutes a bf16 step
+        rounds = 1
+        print(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) multiplies bf16 slowly (minutes a step): one "
+              "round, not medians of five")
     models, optimizers = {}, {}
     for name, config in configs.items():  # LoRA under bf16 autocast is its own model: frozen linears stored in bf16
         for dtype in ((None, torch.bfloat16) if name == "LoRA" else (None,)):
@@ -318,7 +323,7 @@ def bench_lora(directory):
     for run in runs.values():  # warm-up; AdamW makes its state on the first step
         run()
     results = {key: [] for key in runs}
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for key, run in runs.items():
             results[key].append(measure(run))
 

@@ -168,7 +168,7 @@ def test_lora_on_our_stage2_checkpoint_sits_on_it_and_is_refused_once_it_changed
     assert not [n for n in saved["model"] if n.startswith("llm.") and ".lora_" not in n]  # the LLM is the base's
     loaded = TinyLLaVA.from_pretrained(str(tmp_path / "lora")).eval()
     assert torch.equal(logits_of(loaded), logits_of(trained.eval()))
-    train.main(flags(tiny, tmp_path / "stage2", max_steps=2, seed=1))  # the base is trained again: other weights
+    train.main(flags(tiny, tmp_path / "stage2", max_steps=2, seed=1, overwrite=True))  # the base trained again: new weights
     with pytest.raises(ValueError, match=f"another base checkpoint than the one now at {stage2}"):
         TinyLLaVA.from_pretrained(str(tmp_path / "lora"))
     with pytest.raises(SystemExit, match=f"ckpt.pt sits on {stage2}, which changed since"):
