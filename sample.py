@@ -8,6 +8,9 @@ them: as given (relative to where you run this), else relative to this repositor
 directory. Flags are spelled as train.py's: --key value or --key=value, and --max-new-tokens is --max_new_tokens.
 Images are preprocessed as in training (the vision tower's size, mean and std; the checkpoint's crop or pad) and the
 prompt is the model's template with the image first. Answers go to stdout; everything else goes to stderr.
+LLaVA's evaluation files are read and written as its model_vqa does (question lines {"question_id", "image", "text"[,
+"category"]}, a line without "image" asked without one; answer lines {"question_id", "prompt", "text", "answer_id",
+"model_id", "metadata"}) and scored by the benchmarks' own rules (--score).
 
 Examples:
 
@@ -21,6 +24,12 @@ Examples:
     python sample.py --hf llava-1.5-7b-hf --image photo.jpg --device cuda     # published LLaVA weights (HF layout)
     python sample.py --eval                                                   # held-out accuracy on the world
     python sample.py --eval --ckpt out/stage1/ckpt.pt --limit 70              # 70 questions, spread over the types
+    python sample.py --read_image --image photo.png                           # what each image token reads as
+    python sample.py --questions q.jsonl --answers a.jsonl --image_folder DIR  # LLaVA's question file -> answers
+    python sample.py --questions q.jsonl --answers a.jsonl --num_chunks 8 --chunk_idx 0  # one eighth of it
+    python sample.py --score short --answers a.jsonl --truth t.jsonl          # VQAv2/GQA-style short answers
+    python sample.py --score choice --answers a.jsonl --truth t.jsonl         # ScienceQA/MMBench letters
+    python sample.py --score pope --answers a.jsonl --truth t.jsonl           # POPE yes/no, per negative sampling
 """
 import argparse
 import difflib
@@ -31,8 +40,9 @@ import re
 import shutil
 import sys
 import time
+import uuid
 import zipfile
-from collections import Counter
+from collections import Counter, defaultdict
 
 import torch
 
@@ -40,7 +50,7 @@ from data import (IMAGE_TAG, ImageError, encode_conversation, encode_prompt, ima
                   load_tokenizer, process_image, stop_token_ids)
 from llama import KVCache
 from tinyllava import REPO_DIR, TinyLLaVA, resolve
-from world import ensure_world, exact_match
+from world import ATTRIBUTES, cell_attributes, ensure_world, exact_match, possible_cells, scene_from_json
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Defaults (each has a flag below)
@@ -102,11 +112,42 @@ def make_parser():
     mode.add_argument("--chat", action="store_true", help="a multi-turn conversation about one image, from stdin")
     mode.add_argument("--eval", action="store_true",
                       help="held-out exact match on the world's eval.json; the last line is 'accuracy: <fraction>'")
+    mode.add_argument("--read_image", action="store_true",
+                      help="show what each image token of each --image reads as in the LLM's word embeddings, as a "
+                           "grid: the nearest cell the tiny bases' scene words can write, else the nearest words")
     ask.add_argument("--world", default=None, metavar="DIR",
                      help="--eval: a world directory holding eval.json (default: the shapes world, generated on "
                           "first use)")
     ask.add_argument("--limit", type=int, default=None, metavar="N",
                      help="--eval: only N questions, taken evenly across the question types (default: all)")
+    files = parser.add_argument_group("LLaVA's evaluation files")
+    files.add_argument("--questions", default=None, metavar="FILE",
+                       help="answer a question file: JSON lines {question_id, image (absent: text-only), text[, "
+                            "category]}, or a LLaVA JSON list of records (ScienceQA's llava_test_CQM-A.json); "
+                            "greedy, image first, in batches")
+    files.add_argument("--answers", default=None, metavar="FILE",
+                       help="the answer file --questions appends to (a killed run resumes: question ids already in "
+                            "it are skipped) and --score reads")
+    files.add_argument("--image_folder", default=None, metavar="DIR",
+                       help="--questions: the folder the image paths are relative to (default: the question file's)")
+    files.add_argument("--num_chunks", type=int, default=1, metavar="N",
+                       help="--questions: split the questions into N contiguous chunks, as LLaVA does (default: 1)")
+    files.add_argument("--chunk_idx", type=int, default=0, metavar="K",
+                       help="--questions: answer chunk K of them, 0-based (default: 0)")
+    files.add_argument("--max_bad_fraction", type=float, default=0.01, metavar="F",
+                       help="--questions: stop once more than this share of the questions is bad (a malformed line, "
+                            "a missing image); each is reported and skipped (default: 0.01)")
+    files.add_argument("--score", choices=("short", "choice", "pope"), default=None,
+                       help="score --answers against --truth by a benchmark's rules: short (GQA: lowercase, no "
+                            "trailing period, exact match), choice (ScienceQA: the letter alone, 'X. ...' or 'The "
+                            "answer is X.'; anything else fails), pope (the first sentence: no/not means no)")
+    files.add_argument("--plot", nargs="+", default=None, metavar="LOG",
+                       help="draw the held-out accuracy train.py logged (--eval_questions) against the step, one "
+                            "curve per log.jsonl (labelled by its directory), into --png")
+    files.add_argument("--png", default="curve.png", metavar="FILE", help="--plot: the picture (default: curve.png)")
+    files.add_argument("--truth", default=None, metavar="FILE",
+                       help="--score: the answer key: JSON lines {question_id, answer or label[, category]}, or a JSON "
+                            "object by question id (GQA's questions file, ScienceQA's problems.json)")
     model = parser.add_argument_group("model")
     source = model.add_mutually_exclusive_group()
     source.add_argument("--ckpt", default=None, metavar="PATH",
@@ -146,6 +187,26 @@ def make_parser():
 def parse_args(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
+    if args.score:
+        if not (args.answers and args.truth):
+            parser.error("--score reads --answers FILE and --truth FILE")
+        return args
+    if args.plot:
+        return args
+    if args.truth:
+        parser.error("--truth goes with --score")
+    if args.questions:
+        if not args.answers:
+            parser.error("--questions writes its answers to --answers FILE")
+        if args.image or args.prompt is not None or args.eval or args.chat or args.read_image:
+            parser.error("--questions asks the file's questions: drop --image, --prompt, --eval, --chat, --read_image")
+        if not 0 <= args.chunk_idx < args.num_chunks:
+            parser.error(f"--chunk_idx {args.chunk_idx} must be in [0, --num_chunks {args.num_chunks})")
+        return check_ranges(parser, args)
+    if args.answers or args.image_folder or args.num_chunks != 1 or args.chunk_idx:
+        parser.error("--answers, --image_folder, --num_chunks and --chunk_idx go with --questions (or --score)")
+    if args.read_image and (args.prompt is not None or not args.image):
+        parser.error("--read_image shows what the --image files become, with no question: give --image, drop --prompt")
     if args.eval and (args.image or args.prompt is not None):
         parser.error("--eval asks the world's questions about its images: drop --image and --prompt")
     if args.eval and (args.temperature != 0 or args.top_k or args.top_p != 1.0):
@@ -158,13 +219,19 @@ def parse_args(argv=None):
         parser.error("--chat talks about one image; give a single --image")
     if (args.world or args.limit is not None) and not args.eval:
         parser.error("--world and --limit go with --eval")
+    return check_ranges(parser, args)
+
+
+def check_ranges(parser, args):
     for flag, value, ok in (("--max_new_tokens", args.max_new_tokens, args.max_new_tokens >= 1),
                             ("--temperature", args.temperature, args.temperature >= 0),
                             ("--top_k", args.top_k, args.top_k >= 0),
                             ("--top_p", args.top_p, 0 < args.top_p <= 1),
                             ("--batch_size", args.batch_size, args.batch_size >= 1),
                             ("--limit", args.limit, args.limit is None or args.limit >= 1),
-                            ("--threads", args.threads, args.threads >= 0)):
+                            ("--threads", args.threads, args.threads >= 0),
+                            ("--num_chunks", args.num_chunks, args.num_chunks >= 1),
+                            ("--max_bad_fraction", args.max_bad_fraction, 0 <= args.max_bad_fraction <= 1)):
         if not ok:
             parser.error(f"{flag} {value} is out of range")
     return args
@@ -365,6 +432,356 @@ def chat(model, tokenizer, pixel_values, max_new, sampling, read=read_question, 
     return turns
 
 # ----------------------------------------------------------------------------------------------------------------------
+# LLaVA's evaluation files: question lines in, answer lines out (as llava/eval/model_vqa.py), resumable and chunked
+
+
+def read_questions(path):
+    """[(line number, {question_id, image or None, text, category or None})] of a question file, and the bad lines
+    as messages. JSON lines, or a JSON list of LLaVA records (the question is the first human turn, <image> taken
+    out)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = f.read()
+    except OSError as error:
+        raise SampleError(f"--questions {path}: {error.strerror}") from None
+    if content.lstrip().startswith("["):  # a LLaVA JSON list (ScienceQA's llava_test_CQM-A.json)
+        try:
+            lines = [(k + 1, {"question_id": r.get("id"), "image": r.get("image"), "category": r.get("category"),
+                              "text": r["conversations"][0]["value"].replace(IMAGE_TAG, "").strip()})
+                     for k, r in enumerate(json.loads(content))]
+        except (json.JSONDecodeError, AttributeError, KeyError, IndexError, TypeError) as error:
+            raise SampleError(f"--questions {path}: not a JSON list of LLaVA records ({error})") from None
+    else:
+        lines = []
+        for number, line in enumerate(content.splitlines(), 1):
+            if line.strip():
+                try:
+                    lines.append((number, json.loads(line)))
+                except json.JSONDecodeError as error:
+                    lines.append((number, f"not JSON ({error.msg})"))
+    questions, bad, seen = [], [], set()
+    for number, line in lines:
+        if isinstance(line, dict) and line.get("question_id") is not None and isinstance(line.get("text"), str) \
+                and isinstance(line.get("image") or "", str) and line["question_id"] not in seen:
+            seen.add(line["question_id"])
+            questions.append((number, {"question_id": line["question_id"], "image": line.get("image") or None,
+                                       "text": line["text"], "category": line.get("category")}))
+        else:
+            reason = line if isinstance(line, str) else "a repeated question_id" if isinstance(line, dict) and \
+                line.get("question_id") in seen else "not {question_id, text[, image, category]}"
+            bad.append(f"{path}:{number}: {reason}")
+    return questions, bad
+
+
+def chunk(items, num_chunks, index):
+    """Chunk `index` of `num_chunks` contiguous chunks of ceil(len / num_chunks) items (LLaVA's split_list)."""
+    size = -(-len(items) // num_chunks)
+    return items[index * size:(index + 1) * size]
+
+
+def answered_ids(path):
+    """The question ids already in an answer file: a run killed halfway goes on after them. A last line the kill cut
+    short is removed first (its question is asked again), so that appending starts on a line of its own."""
+    if not os.path.isfile(path):
+        return set()
+    with open(path, "rb+") as f:
+        content = f.read()
+        if content and not content.endswith(b"\n"):
+            whole = content.rfind(b"\n") + 1  # the end of the last whole line
+            f.truncate(whole)
+            print(f"{path}: removed a last line cut short: {content[whole:][:60]!r}", file=sys.stderr)
+            content = content[:whole]
+    done = set()
+    for number, line in enumerate(content.decode("utf-8").splitlines(), 1):
+        try:
+            done.add(json.loads(line)["question_id"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise SampleError(f"--answers {path}:{number}: not an answer line; give another --answers file") from None
+    return done
+
+
+def answer_file(model, tokenizer, questions, image_folder, answers_path, model_id, aspect, args, bad):
+    """Answer the questions greedily in batches (the image before the question, as model_vqa; text-only ones without
+    one), appending each batch's answer lines to answers_path as it is done. Missing images are reported with their
+    line and skipped, and the run stops once more than max_bad_fraction of the questions were bad."""
+    template = model.config.template
+    stops = stop_token_ids(tokenizer, template)
+    total = len(questions) + len(bad)
+    started, done = time.time(), 0
+    with open(answers_path, "a", encoding="utf-8") as out:
+        for start in range(0, len(questions), args.batch_size):
+            batch, images = [], []
+            for number, question in questions[start:start + args.batch_size]:
+                if question["image"] is not None:
+                    try:
+                        images.append(load_image(os.path.join(image_folder, question["image"])))
+                    except ImageError as error:
+                        bad.append(f"{args.questions}:{number}: {error}")
+                        print(f"skipped: {bad[-1]}", file=sys.stderr)
+                        if len(bad) > args.max_bad_fraction * total:
+                            raise SampleError(f"{len(bad)} bad questions of {total} in {args.questions}, more than "
+                                              f"--max_bad_fraction {args.max_bad_fraction}; first: {bad[0]}")
+                        continue
+                batch.append(question)
+            for has_image in (True, False):  # a batch of one kind: images spliced in order, or none at all
+                group = [q for q in batch if (q["image"] is not None) == has_image]
+                if not group:
+                    continue
+                prompts = [question_ids(q["text"], tokenizer, template) if has_image else
+                           encode_prompt([{"from": "human", "value": q["text"].replace(IMAGE_TAG, "").strip()}],
+                                         tokenizer, template) for q in group]
+                pixel_values = to_pixels(model, images, aspect) if has_image else None
+                longest = max(map(len, prompts)) - 1 + (model.num_image_tokens if has_image else 1)
+                new_tokens = answer_budget(model, 0, longest, args.max_new_tokens, f"question {group[0]['question_id']}")
+                generated = model.generate(prompts, pixel_values, max_new_tokens=new_tokens,
+                                           stop_token_ids=stops).tolist()  # (B, N), greedy
+                for question, ids in zip(group, generated):
+                    out.write(json.dumps({"question_id": question["question_id"], "prompt": question["text"],
+                                          "text": decode_answer(ids, tokenizer, stops),
+                                          "answer_id": uuid.uuid4().hex[:22], "model_id": model_id,
+                                          "metadata": {"category": question["category"]} if question["category"]
+                                          else {}}) + "\n")
+            out.flush()
+            done = min(start + args.batch_size, len(questions))
+            elapsed = time.time() - started
+            print(f"answers: {done}/{len(questions)}, {elapsed:.0f}s, ETA {elapsed / done * (len(questions) - done):.0f}s",
+                  file=sys.stderr)
+    return done
+
+
+def ask_question_file(args, device, dtype):
+    questions, bad = read_questions(args.questions)
+    for message in bad[:10]:
+        print(f"skipped: {message}", file=sys.stderr)
+    total = len(questions) + len(bad)
+    if len(bad) > args.max_bad_fraction * total:
+        raise SampleError(f"{len(bad)} bad lines of {total} in {args.questions}, more than --max_bad_fraction "
+                          f"{args.max_bad_fraction}; first: {bad[0]}")
+    mine = chunk(questions, args.num_chunks, args.chunk_idx)
+    done = answered_ids(args.answers)
+    todo = [(number, q) for number, q in mine if q["question_id"] not in done]
+    print(f"questions: {len(mine)} in chunk {args.chunk_idx} of {args.num_chunks} from {args.questions}, "
+          f"{len(mine) - len(todo)} already in {args.answers}, {len(todo)} to answer", file=sys.stderr)
+    if not todo:
+        return
+    path = checkpoint_path(args)
+    model, tokenizer, is_hf = load_model(path, device, dtype)
+    aspect = args.aspect or ("pad" if is_hf else model.config.image_aspect)
+    image_folder = args.image_folder or os.path.dirname(os.path.abspath(args.questions))
+    model_id = os.path.basename(os.path.normpath(path if is_hf or os.path.isdir(path) else os.path.dirname(path)))
+    answer_file(model, tokenizer, todo, image_folder, args.answers, model_id, aspect, args, bad)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scoring answer files by the benchmarks' rules
+
+
+def read_truth(path):
+    """{question_id: (answer, category or None)} from JSON lines {question_id, answer or label[, category]}, or from
+    a JSON object by question id ({"answer": ...}: GQA's questions file; ScienceQA's problems.json, whose answer is
+    the index of the right choice)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = f.read()
+        try:
+            whole = json.loads(content)
+        except json.JSONDecodeError:
+            whole = None  # JSON lines
+        if isinstance(whole, dict) and "question_id" not in whole:
+            return {key: (chr(ord("A") + v["answer"]) if isinstance(v["answer"], int) else v["answer"],
+                          v.get("category") or v.get("split")) for key, v in whole.items()}
+        truth = {}
+        for line in filter(str.strip, content.splitlines()):
+            record = json.loads(line)
+            truth[record["question_id"]] = (record["answer"] if "answer" in record else record["label"],
+                                            record.get("category"))
+        return truth
+    except OSError as error:
+        raise SampleError(f"--truth {path}: {error.strerror}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise SampleError(f"--truth {path}: not an answer key ({type(error).__name__}: {error})") from None
+
+
+def short_answer(text):
+    """GQA's conversion (convert_gqa_for_eval.py): lowercase, the trailing period dropped."""
+    text = text.strip().lower()
+    return text[:-1] if text.endswith(".") else text
+
+
+def choice_letter(text):
+    """ScienceQA's extraction (eval_science_qa.py): the bare letter, 'X. ...', or 'The answer is X.'; else None
+    (FAILED, counted wrong)."""
+    text = text.strip()
+    if re.fullmatch(r"[A-Z]", text):
+        return text
+    if re.match(r"[A-Z]\. ", text):
+        return text[0]
+    found = re.findall(r"The answer is ([A-Z])\.", text)
+    return found[0] if len(found) == 1 else None
+
+
+def yes_or_no(text):
+    """POPE's reading (eval_pope.py): the first sentence, commas dropped; 'no' if a word is No, no or not."""
+    words = text.split(".")[0].replace(",", "").split()
+    return "no" if {"No", "no", "not"} & set(words) else "yes"
+
+
+def score(kind, answers_path, truth_path, out=None):
+    """Score an answer file: a table per category (POPE: accuracy, precision, recall, F1, yes-ratio); returns the
+    overall accuracy."""
+    out = out or sys.stdout
+    truth = read_truth(truth_path)
+    answers = {}
+    with open(answers_path, encoding="utf-8") as f:
+        for number, line in enumerate(filter(str.strip, f), 1):
+            try:
+                record = json.loads(line)
+                answers[record["question_id"]] = record
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise SampleError(f"--answers {answers_path}:{number}: not an answer line") from None
+    unknown = [key for key in answers if key not in truth]
+    if unknown:
+        raise SampleError(f"--answers {answers_path}: {len(unknown)} question ids are not in --truth {truth_path}, "
+                          f"e.g. {unknown[0]!r}")
+    groups = defaultdict(list)  # category -> [(predicted, right answer)]
+    failed = Counter()
+    for key, record in answers.items():
+        right, category = truth[key]
+        category = category or record.get("metadata", {}).get("category") or "all"
+        if kind == "short":
+            predicted, right = short_answer(record["text"]), short_answer(right)
+        elif kind == "choice":
+            predicted = choice_letter(record["text"])
+            failed[category] += predicted is None
+        else:
+            predicted, right = yes_or_no(record["text"]), right.strip().lower()
+        groups[category].append((predicted, right))
+    groups["overall"] = [pair for category in sorted(groups) for pair in groups[category]]
+    failed["overall"] = sum(failed.values())
+    missing = len(truth) - len(answers)
+    print(f"{len(answers)} answers scored" + (f"; {missing} questions of the key have no answer" if missing else ""),
+          file=out)
+    if kind == "pope":
+        print(f"{'category':<14} {'n':>6} {'accuracy':>9} {'precision':>10} {'recall':>8} {'F1':>8} {'yes':>8}",
+              file=out)
+    else:
+        print(f"{'category':<20} {'right':>6} {'n':>6} {'accuracy':>9}" + ("  failed" if kind == "choice" else ""),
+              file=out)
+    for category, pairs in groups.items():
+        right = sum(p == t for p, t in pairs)
+        if kind == "pope":
+            tp = sum(p == t == "yes" for p, t in pairs)
+            precision = tp / max(1, sum(p == "yes" for p, _ in pairs))
+            recall = tp / max(1, sum(t == "yes" for _, t in pairs))
+            f1 = 2 * precision * recall / max(1e-9, precision + recall)
+            print(f"{category:<14} {len(pairs):>6} {right / len(pairs):>9.4f} {precision:>10.4f} {recall:>8.4f} "
+                  f"{f1:>8.4f} {sum(p == 'yes' for p, _ in pairs) / len(pairs):>8.4f}", file=out)
+        else:
+            print(f"{category:<20} {right:>6} {len(pairs):>6} {right / len(pairs):>9.4f}"
+                  + (f"  {failed[category]:>6}" if kind == "choice" else ""), file=out)
+    overall = groups["overall"]
+    return sum(p == t for p, t in overall) / len(overall)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Learning curves: held-out accuracy against the step, from train.py's logs
+
+
+def plot_curves(logs, png, size=(720, 440), margin=60):
+    """Each log.jsonl's "eval" records with an accuracy, as one curve (step on x, accuracy 0..1 on y), into a PNG."""
+    from PIL import Image, ImageDraw
+    curves = []
+    for path in logs:
+        try:
+            with open(path) as f:
+                points = [(r["step"], r["accuracy"]) for r in map(json.loads, f) if "accuracy" in r]
+        except (OSError, json.JSONDecodeError, KeyError) as error:
+            raise SampleError(f"--plot {path}: cannot read a train.py log ({error})") from None
+        if not points:
+            raise SampleError(f"--plot {path}: no held-out accuracy logged (train with --eval_questions N)")
+        curves.append((os.path.basename(os.path.dirname(os.path.abspath(path))), points))
+    width, height = size
+    last = max(step for _, points in curves for step, _ in points)
+    to_xy = lambda step, accuracy: (margin + (width - 2 * margin) * step / last,
+                                    height - margin - (height - 2 * margin) * accuracy)
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    for tick in range(0, 11, 2):  # the accuracy grid, 0 to 1
+        x0, y = to_xy(0, tick / 10)
+        draw.line([(x0, y), (width - margin, y)], fill=(225, 225, 225))
+        draw.text((10, y - 6), f"{tick / 10:.1f}", fill="black")
+    draw.line([to_xy(0, 0), to_xy(last, 0)], fill="black")
+    draw.line([to_xy(0, 0), to_xy(0, 1)], fill="black")
+    for step in (0, last // 2, last):
+        x, y = to_xy(step, 0)
+        draw.text((x - 10, y + 8), str(step), fill="black")
+    draw.text((width // 2 - 60, height - 25), "stage-2 optimizer step", fill="black")
+    draw.text((margin, 15), "held-out exact-match accuracy", fill="black")
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+    for k, (label, points) in enumerate(curves):
+        color = colors[k % len(colors)]
+        draw.line([to_xy(*point) for point in points], fill=color, width=3)
+        for point in points:
+            x, y = to_xy(*point)
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
+        draw.text((width - margin - 150, height - margin - 20 - 16 * (len(curves) - k)),
+                  f"{label}: {points[-1][1]:.3f}", fill=color)
+    image.save(png)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What the image tokens read as: H_v = W · Z_v against the LLM's word embeddings
+
+
+def reading_vocabulary(model, tokenizer):
+    """(names, vectors) the image tokens are read against. With the tiny bases' scene words in the vocabulary: every
+    cell they can write (cell, background, then 'empty' or size color shape), as the mean of its attribute
+    embeddings, exactly as the LLM was pretrained to read a cell. Otherwise every single token of the vocabulary."""
+    table = model.llm.embed_tokens.weight.detach().float()
+    ids = {name: tokenizer.token_to_id(f"<|{name}|>") for name in ATTRIBUTES}
+    if None in ids.values():
+        return [tokenizer.id_to_token(i) for i in range(len(table))], table
+    cells = possible_cells()
+    return cells, torch.stack([table[[ids[name] for name in cell]].mean(0) for cell in cells])
+
+
+def read_image_tokens(model, tokenizer, pixel_values):
+    """For each image (N, 3, S, S), what each of its tokens reads as: the nearest entry of reading_vocabulary by
+    cosine similarity, [N][tokens]."""
+    names, vectors = reading_vocabulary(model, tokenizer)
+    with torch.no_grad():
+        tokens = model.image_features(pixel_values).float()  # (N, num_image_tokens, D): H_v = W · Z_v
+    similarity = torch.nn.functional.normalize(tokens, dim=-1) @ torch.nn.functional.normalize(vectors, dim=-1).T
+    return [[names[k] for k in row] for row in similarity.argmax(-1).tolist()]  # (N, num_image_tokens)
+
+
+def draw_grid(readings):
+    """The readings of one image's tokens as a square grid of text, row by row."""
+    side = int(len(readings) ** 0.5)
+    texts = [" ".join(reading) if isinstance(reading, list) else reading for reading in readings]
+    width = max(map(len, texts)) + 2
+    rule = "+" + "+".join(["-" * width] * side) + "+"
+    lines = [rule]
+    for row in range(0, len(texts) - len(texts) % side or len(texts), side):
+        lines += ["|" + "|".join(f" {text:<{width - 1}}" for text in texts[row:row + side]) + "|", rule]
+    return "\n".join(lines)
+
+
+def share_read_right(model, tokenizer, world_dir, image_names, aspect, batch):
+    """Of the image tokens of these world images, the share whose reading is exactly their cell (cell name,
+    background, content), or None when the LLM has no scene words."""
+    if None in (tokenizer.token_to_id(f"<|{name}|>") for name in ATTRIBUTES):
+        return None
+    with open(os.path.join(world_dir, "scenes.json")) as f:
+        scenes = {record["image"]: scene_from_json(record) for record in json.load(f)}
+    right = total = 0
+    for start in range(0, len(image_names), batch):
+        names = image_names[start:start + batch]
+        pixel_values = to_pixels(model, [load_image(os.path.join(world_dir, name)) for name in names], aspect)
+        for name, readings in zip(names, read_image_tokens(model, tokenizer, pixel_values)):
+            truth = cell_attributes(scenes[name])
+            right += sum(reading == cell for reading, cell in zip(readings, truth))
+            total += len(truth)
+    return right / total
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Held-out eval on the shapes world
 
 
@@ -421,6 +838,22 @@ def evaluate(model, tokenizer, items, images, aspect, batch, max_new, out=None):
 
 
 def run(args):
+    if args.score:
+        for flag, path in (("--answers", args.answers), ("--truth", args.truth)):
+            if not os.path.isfile(path):
+                raise SampleError(f"{flag} {path}: no such file")
+        accuracy = score(args.score, args.answers, args.truth)
+        print(f"accuracy: {accuracy:.4f}")
+        return
+    if args.plot:
+        plot_curves(args.plot, args.png)
+        print(f"wrote {args.png}", file=sys.stderr)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.questions:
+        ask_question_file(args, *pick_device(args.device, args.dtype))
+        return
     # every image is read before any model is loaded: a typo in a path should not cost a 7B load
     if args.eval:
         world_dir = args.world or ensure_world()
@@ -430,8 +863,6 @@ def run(args):
         images = [load_image(os.path.join(world_dir, item["image"])) for item in items]
     else:
         images = [load_image(path) for path in args.image]  # ImageError names the file
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device, dtype = pick_device(args.device, args.dtype)
     path = checkpoint_path(args)
     model, tokenizer, is_hf = load_model(path, device, dtype, chat=args.chat)
@@ -439,6 +870,14 @@ def run(args):
     if args.eval:
         print(f"eval: {len(items)} questions from {os.path.join(world_dir, 'eval.json')}", file=sys.stderr)
         evaluate(model, tokenizer, items, images, aspect, args.batch_size, args.max_new_tokens)
+        share = share_read_right(model, tokenizer, world_dir, sorted({item["image"] for item in items}), aspect,
+                                 args.batch_size)
+        if share is not None:
+            print(f"image tokens read as their cell (nearest cell of the LLM's scene words): {share:.4f}")
+        return
+    if args.read_image:
+        for name, readings in zip(args.image, read_image_tokens(model, tokenizer, to_pixels(model, images, aspect))):
+            print(f"{name}: what each image token reads as, row by row\n{draw_grid(readings)}")
         return
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)

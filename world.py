@@ -5,19 +5,26 @@ LLaVA (Liu et al. 2023, Sec. 3) never shows GPT-4 an image. It gives GPT-4 the c
 (its symbolic representation) and asks for three kinds of instruction data: multi-turn conversation, detailed
 description and complex reasoning. Here a scene is sampled symbolically (objects with a shape, color, size, grid cell
 and pixel box), rendered with Pillow, and a teacher writes the same three kinds of data from the symbolic scene alone,
-plus the stage-1 pairs (a brief-description question answered by the caption). Everything lands on disk as LLaVA JSON
-and PNG files, so training reads it through the same data path as real data.
+plus the stage-1 pairs (a brief-description question answered by the caption) and, as LLaVA-1.5 mixed VQA data into
+its instruction tuning, short-answer and multiple-choice records in LLaVA-1.5's response formats. Everything lands on
+disk as LLaVA JSON and PNG files, so training reads it through the same data path as real data; the held-out split
+also gets three benchmarks in LLaVA's question-file format (shapes-VQA, shapes-SQA, shapes-POPE).
 
     python world.py                          # generate the default world under cache/world/ and print a summary
     python world.py --seed 1 --root /tmp/w   # another seed, another place
+    python world.py --choice_answer reasoning_first   # the ScienceQA ablation's world (see CHOICE_ANSWERS)
 
 The world directory (one per seed and settings; generated once, then reused):
     images/train_00000.png ...      the scenes, IMAGE_SIZE x IMAGE_SIZE RGB
     scenes.json                     the symbolic scene of every image (objects, cells, boxes, caption)
     stage1.json, val_stage1.json    brief-description question -> caption (train split, held-out split)
-    stage2.json, val_stage2.json    conversations, detailed descriptions and complex reasoning, mixed
+    stage2.json, val_stage2.json    conversations, detailed descriptions, complex reasoning, short-answer (VQA) and
+                                    multiple-choice records (some text-only), mixed
     eval.json                       held-out single questions, {id, image, question, answer, type}; the question
                                     holds no <image> tag (the caller adds it, as for any prompt)
+    shapes_{vqa,sqa,pope}.jsonl     held-out benchmarks: {question_id, image (absent: text-only), text, category}
+                                    lines, as LLaVA's eval question files; their answer keys in
+    shapes_{vqa,sqa,pope}_truth.jsonl  {question_id, answer or label, category}
     world.json                      manifest: version, seed, settings, counts
 Image paths in the JSON files are relative to the world directory. Answers use one fixed phrasing per question type,
 so exact match on held-out questions (`exact_match`) is a meaningful score.
@@ -34,6 +41,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image, ImageDraw
 
@@ -43,7 +51,7 @@ from data import BRIEF_DESCRIPTION_QUESTIONS, DETAILED_DESCRIPTION_QUESTIONS  # 
 # The world's constants. Changing any of them changes the cache key, so a stale world is never reused.
 
 DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache", "world")  # from any directory
-VERSION = 1  # bump when the renderer or the teacher changes in a way the constants below do not show
+VERSION = 2  # bump when the renderer or the teacher changes in a way the constants below do not show
 
 IMAGE_SIZE = 64  # pixels, square RGB
 GRID = 3  # GRID x GRID cells, one object per cell at most
@@ -59,12 +67,35 @@ MIN_OBJECTS, MAX_OBJECTS = 1, 3
 CELL_MARGIN = 1  # pixels kept free along each cell edge, so shapes in neighbouring cells never touch
 MAX_JITTER = 2  # pixels a shape may move away from its cell's centre, each axis
 
+# Object kinds (a color and a shape: POPE's "objects"). As in COCO, some kinds are common and some go together, so that
+# POPE's popular and adversarial negatives differ from random ones: colors and shapes are drawn with these weights, and
+# each further object of a scene is, with COMPANION_PROB, the companion of one already drawn (same shape, the
+# complementary color).
+COLOR_WEIGHTS = {"red": 3, "green": 2, "blue": 3, "yellow": 2, "purple": 1, "orange": 1}
+SHAPE_WEIGHTS = {"circle": 2, "square": 2, "triangle": 1}
+COMPLEMENTS = {"red": "green", "green": "red", "blue": "orange", "orange": "blue", "yellow": "purple",
+               "purple": "yellow"}
+COMPANION_PROB = 0.5
+
 N_TRAIN_IMAGES = 8000
 N_HELDOUT_IMAGES = 500
 CONVERSATION_TURNS = 4  # question-answer turns in a multi-turn conversation
 REASONING_TURNS = 2  # question-answer turns in a complex-reasoning record
 DESCRIPTION_FRACTION = 0.5  # share of images that also get a detailed-description record
-EVAL_PER_TYPE = 50  # held-out questions per eval type
+VQA_TURNS = 4  # short-answer turns in a VQA record (one per image)
+TEXT_CHOICE_FRACTION = 0.25  # per image, the chance of a text-only multiple-choice record about another scene
+EVAL_PER_TYPE = 50  # held-out questions per eval type (eval.json and shapes-VQA)
+SQA_PER_TYPE = 30  # held-out shapes-SQA questions per eval type, with an image and (as many) text-only
+POPE_IMAGES = 100  # held-out images per POPE split; each gives its present kinds (yes) and as many absent ones (no)
+
+# LLaVA-1.5's response-format prompts (its VQA and multiple-choice data, and its evaluations)
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
+CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."
+# How multiple-choice records are answered: "letter" (LLaVA-1.5: the bare letter, after CHOICE_PROMPT), or the
+# paper's ScienceQA ablation, without the prompt: an explanation then "The answer is X." ("reasoning_first") or the
+# other way round ("answer_first")
+CHOICE_ANSWERS = ("letter", "reasoning_first", "answer_first")
+LETTERS = "ABCD"
 
 CONVERSATION_TYPES = ("color", "shape", "count", "position", "existence", "relative_position")
 EVAL_TYPES = CONVERSATION_TYPES + ("reasoning",)
@@ -110,11 +141,53 @@ def place(shape, color, size, row, col, rng=None):
     return SceneObject(shape, color, size, row, col, (x0, y0, x0 + side, y0 + side))
 
 
+def sample_kind(rng):
+    """A (color, shape) drawn with COLOR_WEIGHTS and SHAPE_WEIGHTS."""
+    return (rng.choices(list(COLOR_WEIGHTS), weights=list(COLOR_WEIGHTS.values()))[0],
+            rng.choices(list(SHAPE_WEIGHTS), weights=list(SHAPE_WEIGHTS.values()))[0])
+
+
 def sample_scene(rng):
     cells = sorted(rng.sample(range(GRID * GRID), rng.randint(MIN_OBJECTS, MAX_OBJECTS)))
-    objects = tuple(place(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(SIZES)),
-                          cell // GRID, cell % GRID, rng) for cell in cells)
+    kinds = []
+    for _ in cells:
+        if kinds and rng.random() < COMPANION_PROB:
+            color, shape = rng.choice(kinds)
+            kinds.append((COMPLEMENTS[color], shape))
+        else:
+            kinds.append(sample_kind(rng))
+    rng.shuffle(kinds)  # a companion may stand anywhere, not only after its partner
+    objects = tuple(place(shape, color, rng.choice(list(SIZES)), cell // GRID, cell % GRID, rng)
+                    for cell, (color, shape) in zip(cells, kinds))
     return Scene(rng.choice(list(BACKGROUNDS)), objects)
+
+
+# What a grid cell can hold, named: the words of the scene "written" for the tiny LLM's pretraining (make_bases.py),
+# the vocabulary its image tokens are read back in (sample.py --read_image)
+ATTRIBUTES = tuple(name for row in CELL_NAMES for name in row) + tuple(BACKGROUNDS) + ("empty",) + tuple(SIZES) \
+    + tuple(COLORS) + SHAPES
+
+
+def cell_attributes(scene):
+    """What each cell holds, in reading order (the image tokens' order): [cell name, background, size, color, shape],
+    or [cell name, background, "empty"]."""
+    cells = [[name, scene.background, "empty"] for row in CELL_NAMES for name in row]
+    for o in scene.objects:
+        cells[o.row * GRID + o.col] = [CELL_NAMES[o.row][o.col], scene.background, o.size, o.color, o.shape]
+    return cells
+
+
+def possible_cells():
+    """Every cell_attributes entry a scene can have, in a fixed order."""
+    contents = [["empty"]] + [[size, color, shape] for size in SIZES for color in COLORS for shape in SHAPES]
+    return [[name, background] + content for row in CELL_NAMES for name in row for background in BACKGROUNDS
+            for content in contents]
+
+
+def scene_from_json(record):
+    """The Scene of a scenes.json record (scene_to_json's inverse)."""
+    return Scene(record["background"], tuple(SceneObject(o["shape"], o["color"], o["size"], o["row"], o["col"],
+                                                         tuple(o["box"])) for o in record["objects"]))
 
 
 def scene_to_json(scene):
@@ -207,58 +280,71 @@ def relation(a, b):
 
 
 def caption(scene):
-    """'A large red circle, a small blue square and a large green triangle on a white background.'"""
-    names = [with_article(phrase(o.size, o.color, o.shape)) for o in scene.objects]
+    """'A large red circle in the top left corner and a small blue square in the center on a white background.'"""
+    names = [f"{with_article(phrase(o.size, o.color, o.shape))} {where(o.row, o.col)}" for o in scene.objects]
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return capitalize(f"{listed} on {with_article(scene.background)} background.")
 
 
-def description(scene):
+def description(scene, subject="The image"):
     """'The image shows two objects on a gray background. A large red circle is in the top left corner. ...'"""
-    sentences = [f"The image shows {number(len(scene.objects), 'object')} on {with_article(scene.background)} "
+    sentences = [f"{subject} shows {number(len(scene.objects), 'object')} on {with_article(scene.background)} "
                  "background."]
     for o in scene.objects:
         sentences.append(capitalize(f"{with_article(phrase(o.size, o.color, o.shape))} is {where(o.row, o.col)}."))
     return " ".join(sentences)
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Questions. Each takes its targets explicitly and returns (question, answer), or None when the scene does not give
-# the question a unique answer. `ask` below picks the targets at random.
+# Questions. Each takes its targets explicitly and returns a QA, or None when the scene does not give the question a
+# unique answer. `ask` below picks the targets at random. Complex reasoning, and where two objects are compared, is
+# answered as GPT-4 answered LLaVA's reasoning questions: the facts first, then the conclusion.
+
+
+class QA(NamedTuple):
+    question: str
+    answer: str  # a sentence, as in LLaVA's conversations
+    short: str  # a single word or phrase, as in LLaVA-1.5's VQA data
 
 
 def color_question(scene, obj):
     name = refer(scene, obj, hide=("color",))
-    return f"What color is {name}?", capitalize(f"{name} is {obj.color}.")
+    return QA(f"What color is {name}?", capitalize(f"{name} is {obj.color}."), obj.color)
 
 
 def shape_question(scene, obj):
     name = refer(scene, obj, hide=("shape",))
-    return f"What shape is {name}?", capitalize(f"{name} is a {obj.shape}.")
+    return QA(f"What shape is {name}?", capitalize(f"{name} is a {obj.shape}."), obj.shape)
 
 
 def count_question(scene, **attributes):
     noun, n = phrase(**attributes), count(scene, **attributes)
-    return f"How many {noun}s are there?", ("There is " if n == 1 else "There are ") + number(n, noun) + "."
+    return QA(f"How many {noun}s are there?", ("There is " if n == 1 else "There are ") + number(n, noun) + ".",
+              str(n))
 
 
 def position_question(scene, obj):
     name = refer(scene, obj, hide=("cell",))
-    return None if name is None else (f"Where is {name}?", capitalize(f"{name} is {where(obj.row, obj.col)}."))
+    if name is None:
+        return None
+    return QA(f"Where is {name}?", capitalize(f"{name} is {where(obj.row, obj.col)}."), CELL_NAMES[obj.row][obj.col])
 
 
 def existence_question(scene, **attributes):
     noun = phrase(**attributes)
-    answer = f"Yes, there is {with_article(noun)}." if count(scene, **attributes) else f"No, there is no {noun}."
-    return f"Is there {with_article(noun)} in the image?", answer
+    present = count(scene, **attributes) > 0
+    answer = f"Yes, there is {with_article(noun)}." if present else f"No, there is no {noun}."
+    return QA(f"Is there {with_article(noun)} in the image?", answer, "yes" if present else "no")
 
 
 def relative_position_question(scene, a, b):
     name_a, name_b = refer(scene, a, hide=("cell",)), refer(scene, b, hide=("cell",))
     if name_a is None or name_b is None:
         return None
-    return f"Where is {name_a} relative to {name_b}?", capitalize(f"{name_a} is {relation(a, b)} {name_b}.")
+    return QA(f"Where is {name_a} relative to {name_b}?",
+              capitalize(f"{name_a} is {where(a.row, a.col)} and {name_b} is {where(b.row, b.col)}, so {name_a} is "
+                         f"{relation(a, b)} {name_b}."), relation(a, b).removesuffix(" of"))
 
-# Complex reasoning: each answer combines two facts about the scene.
+# Complex reasoning: each answer states two facts about the scene, then what follows from them.
 
 
 DIRECTIONS = {"to the left of": lambda o, anchor: o.col < anchor.col,
@@ -272,36 +358,41 @@ def neighbour_color_question(scene, anchor, direction):
     found = [o for o in scene.objects if DIRECTIONS[direction](o, anchor)]
     if name is None or len(found) != 1:
         return None
-    return (f"What color is the object {direction} {name}?",
-            f"The object {direction} {name} is {found[0].color}.")
+    return QA(f"What color is the object {direction} {name}?",
+              capitalize(f"{name} is {where(anchor.row, anchor.col)}, and the object {direction} it is "
+                         f"{where(found[0].row, found[0].col)}, so it is {found[0].color}."), found[0].color)
 
 
 def bigger_question(scene, a, b):
     """The size of a, the size of b, then the comparison."""
     name_a, name_b = refer(scene, a, hide=("size",)), refer(scene, b, hide=("size",))
+    facts = capitalize(f"{name_a} is {a.size} and {name_b} is {b.size}, so ")
     if SIZES[a.size] > SIZES[b.size]:
-        answer = f"Yes, {name_a} is bigger than {name_b}."
+        answer, short = f"yes, {name_a} is bigger than {name_b}.", "yes"
     elif SIZES[a.size] < SIZES[b.size]:
-        answer = f"No, {name_a} is smaller than {name_b}."
+        answer, short = f"no, {name_a} is smaller than {name_b}.", "no"
     else:
-        answer = f"No, {name_a} and {name_b} are the same size."
-    return f"Is {name_a} bigger than {name_b}?", answer
+        answer, short = f"no, they are the same size.", "no"
+    return QA(f"Is {name_a} bigger than {name_b}?", facts + answer, short)
 
 
 def same_color_count_question(scene, obj):
     """The color of obj, then how many other objects have it."""
     name = refer(scene, obj, hide=("color",))
     others = count(scene, color=obj.color) - 1
-    return (f"How many other objects are the same color as {name}?",
-            ("There is " if others == 1 else "There are ") + number(others, f"other {obj.color} object") + ".")
+    return QA(f"How many other objects are the same color as {name}?",
+              capitalize(f"{name} is {obj.color}, and there {'is' if others == 1 else 'are'} "
+                         f"{number(others, f'other {obj.color} object')}."), str(others))
 
 
 def same_color_question(scene, a, b):
     """The color of a, the color of b, then the comparison."""
     name_a, name_b = refer(scene, a, hide=("color",)), refer(scene, b, hide=("color",))
-    answer = (f"Yes, both are {a.color}." if a.color == b.color else
-              f"No, {name_a} is {a.color} and {name_b} is {b.color}.")
-    return f"Are {name_a} and {name_b} the same color?", answer
+    same = a.color == b.color
+    return QA(f"Are {name_a} and {name_b} the same color?",
+              capitalize(f"{name_a} is {a.color} and {name_b} is {b.color}, so "
+                         + ("yes, they are the same color." if same else "no, they are not the same color.")),
+              "yes" if same else "no")
 
 
 def random_attributes(scene, rng, present):
@@ -361,49 +452,123 @@ def ask(kind, scene, rng):
     raise ValueError(f"unknown question type {kind!r}")
 
 # ----------------------------------------------------------------------------------------------------------------------
+# LLaVA-1.5's response formats: a short answer, or a letter among options
+
+
+def short_answer_question(question):
+    """The question as LLaVA-1.5's VQA data asks it: answered by a single word or phrase."""
+    return f"{question}\n{SHORT_ANSWER_PROMPT}"
+
+
+ANSWER_SETS = (("yes", "no"), tuple(COLORS), SHAPES, tuple(str(n) for n in range(MAX_OBJECTS + 1)),
+               tuple(name for row in CELL_NAMES for name in row),
+               tuple(f"{v} and {h}" if v and h else v or h for v in ("above", "below", "")
+                     for h in ("to the left", "to the right", "") if v or h))
+
+
+def options_for(short, rng):
+    """The short answer and up to three wrong ones of the same kind (colors for a color...), shuffled."""
+    answers = next(answers for answers in ANSWER_SETS if short in answers)
+    wrong = [a for a in answers if a != short]
+    options = [short] + rng.sample(wrong, min(len(LETTERS) - 1, len(wrong)))
+    rng.shuffle(options)
+    return options
+
+
+def choice_question(qa, context, rng, choice_answer="letter"):
+    """(question, answer) in ScienceQA's form: the context, the question, lettered options; answered by the letter
+    after CHOICE_PROMPT, or by the explanation (qa.answer) and the letter in the order choice_answer says."""
+    options = options_for(qa.short, rng)
+    letter = LETTERS[options.index(qa.short)]
+    text = f"Context: {context}\n{qa.question}\n" + "\n".join(f"{l}. {o}" for l, o in zip(LETTERS, options))
+    if choice_answer == "letter":
+        return f"{text}\n{CHOICE_PROMPT}", letter
+    if choice_answer == "reasoning_first":
+        return text, f"{qa.answer} The answer is {letter}."
+    if choice_answer == "answer_first":
+        return text, f"The answer is {letter}. {qa.answer}"
+    raise ValueError(f"choice_answer must be one of {', '.join(CHOICE_ANSWERS)}, got {choice_answer!r}")
+
+
+def image_context(scene):
+    """A true sentence about the image that answers no question of the world (none asks for the background)."""
+    return f"The shapes are drawn on {with_article(scene.background)} background."
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The teacher: LLaVA-JSON records for one image.
 
 
 def llava_record(record_id, image, pairs):
-    """{"id", "image", "conversations"}: human/gpt turns, the <image> tag at the head of the first question."""
+    """{"id", "image", "conversations"}: human/gpt turns, the <image> tag at the head of the first question; a
+    text-only record (image None) has neither the tag nor the "image" key."""
     conversations = []
     for turn, (question, answer) in enumerate(pairs):
-        conversations.append({"from": "human", "value": "<image>\n" + question if turn == 0 else question})
+        tag = "<image>\n" if turn == 0 and image is not None else ""
+        conversations.append({"from": "human", "value": tag + question})
         conversations.append({"from": "gpt", "value": answer})
-    return {"id": record_id, "image": image, "conversations": conversations}
+    record = {"id": record_id, "image": image, "conversations": conversations}
+    return record if image is not None else {"id": record_id, "conversations": conversations}
 
 
 def questions(scene, rng, kinds, turns, tally):
-    """Up to `turns` distinct questions, each of a type drawn from `kinds`, as (question, answer) pairs."""
-    pairs = []
+    """Up to `turns` distinct questions (QAs), each of a type drawn from `kinds`."""
+    found = []
     for _ in range(20 * turns):  # bounded: a one-object scene allows few distinct reasoning questions
-        if len(pairs) == turns:
+        if len(found) == turns:
             break
         kind = rng.choice(kinds)
         qa = ask(kind, scene, rng)
-        if qa is not None and qa[0] not in [question for question, _ in pairs]:
-            pairs.append(qa)
+        if qa is not None and qa.question not in [known.question for known in found]:
+            found.append(qa)
             tally[kind] += 1
-    return pairs
+    return found
 
 
-def teach(scene, image, rng, tally):
-    """The stage-1 record and the stage-2 records (conversation, reasoning, maybe a detailed description)."""
+def fresh_question(rng, avoid, kinds=EVAL_TYPES):
+    """(scene, QA) about a random scene whose key is not in `avoid` (scenes never described in the training text),
+    of a type drawn from `kinds`; None when a thousand draws find none (a world with few distinct scenes)."""
+    for _ in range(1000):
+        scene = sample_scene(rng)
+        qa = None if scene.key() in avoid else ask(rng.choice(kinds), scene, rng)
+        if qa is not None:
+            return scene, QA(*(text.replace("in the image", "in the drawing") for text in qa))
+    return None
+
+
+def teach(scene, image, rng, tally, choice_answer="letter", avoid=frozenset()):
+    """The stage-1 record and the stage-2 records: conversation, complex reasoning, maybe a detailed description
+    (LLaVA-Instruct), a short-answer VQA record and a multiple-choice record (LLaVA-1.5's formats), and maybe a
+    text-only multiple-choice record about another scene (drawn outside `avoid`)."""
     name = Path(image).stem
     stage1 = llava_record(f"{name}-caption", image, [(rng.choice(BRIEF_DESCRIPTION_QUESTIONS), caption(scene))])
     tally["caption"] += 1
-    stage2 = [llava_record(f"{name}-conversation", image,
-                           questions(scene, rng, CONVERSATION_TYPES, CONVERSATION_TURNS, tally)),
-              llava_record(f"{name}-reasoning", image, questions(scene, rng, ("reasoning",), REASONING_TURNS, tally))]
+    stage2 = [llava_record(f"{name}-conversation", image, [qa[:2] for qa in questions(
+                  scene, rng, CONVERSATION_TYPES, CONVERSATION_TURNS, tally)]),
+              llava_record(f"{name}-reasoning", image, [qa[:2] for qa in questions(
+                  scene, rng, ("reasoning",), REASONING_TURNS, tally)])]
     if rng.random() < DESCRIPTION_FRACTION:
         stage2.append(llava_record(f"{name}-description", image,
                                    [(rng.choice(DETAILED_DESCRIPTION_QUESTIONS), description(scene))]))
         tally["description"] += 1
+    stage2.append(llava_record(f"{name}-vqa", image, [(short_answer_question(qa.question), qa.short) for qa in
+                                                      questions(scene, rng, EVAL_TYPES, VQA_TURNS, tally)]))
+    tally["vqa"] += 1
+    for qa in questions(scene, rng, EVAL_TYPES, 1, tally):
+        stage2.append(llava_record(f"{name}-choice", image, [choice_question(qa, image_context(scene), rng,
+                                                                             choice_answer)]))
+        tally["choice"] += 1
+    text_only = fresh_question(rng, avoid) if rng.random() < TEXT_CHOICE_FRACTION else None
+    if text_only is not None:
+        other_scene, qa = text_only
+        stage2.append(llava_record(f"{name}-text-choice", None, [choice_question(
+            qa, description(other_scene, subject="A drawing"), rng, choice_answer)]))
+        tally["text choice"] += 1
     return stage1, stage2
 
 
 def eval_questions(scenes, images, seed, per_type):
-    """Single held-out questions, `per_type` of each EVAL_TYPES type, each type spread over distinct images."""
+    """Single held-out questions, `per_type` of each EVAL_TYPES type, each type spread over distinct images:
+    [(item, qa)] with item = {id, image, question, answer, type}."""
     items = []
     for kind in EVAL_TYPES:
         rng = random.Random(f"{seed}:eval:{kind}")
@@ -416,24 +581,107 @@ def eval_questions(scenes, images, seed, per_type):
             else:
                 qa = ask(kind, scenes[i], rng)
             if qa is not None:
-                items.append({"id": f"eval-{kind}-{found:04d}", "image": images[i], "question": qa[0],
-                              "answer": qa[1], "type": kind})
+                items.append(({"id": f"eval-{kind}-{found:04d}", "image": images[i], "question": qa.question,
+                               "answer": qa.answer, "type": kind}, qa))
                 found += 1
     return items
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Benchmarks on the held-out split, in LLaVA's eval file formats: question lines {question_id, image, text, category}
+# (no image: a text-only question) and answer keys {question_id, answer or label, category}
+
+
+def vqa_benchmark(eval_items):
+    """shapes-VQA: eval.json's questions, answered by a single word or phrase (as LLaVA-1.5 asks VQAv2 and GQA)."""
+    return [({"question_id": f"vqa-{item['id'][len('eval-'):]}", "image": item["image"],
+              "text": short_answer_question(qa.question), "category": item["type"]},
+             {"question_id": f"vqa-{item['id'][len('eval-'):]}", "answer": qa.short, "category": item["type"]})
+            for item, qa in eval_items]
+
+
+def sqa_benchmark(scenes, images, seed, per_type, choice_answer, avoid):
+    """shapes-SQA: multiple choice with a context, per type `per_type` questions about an image and as many text-only
+    ones answerable from their context (a described drawing never seen in training), as ScienceQA mixes them."""
+    lines = []
+    for kind in EVAL_TYPES:
+        rng = random.Random(f"{seed}:sqa:{kind}")
+        for n, i in enumerate(rng.sample(range(len(scenes)), len(scenes))):
+            if sum(line["category"] == "image" and line["type"] == kind for _, line in lines) == per_type:
+                break
+            qa = ask(kind, scenes[i], rng)
+            if qa is not None:
+                text, answer = choice_question(qa, image_context(scenes[i]), rng, choice_answer)
+                lines.append(({"question_id": f"sqa-{kind}-image-{n:04d}", "image": images[i], "text": text,
+                               "category": "image"}, {"question_id": f"sqa-{kind}-image-{n:04d}",
+                                                      "answer": LETTERS[options_letter(text, qa.short)],
+                                                      "category": "image", "type": kind}))
+        for n in range(per_type):
+            text_only = fresh_question(rng, avoid, (kind,))
+            if text_only is None:
+                break
+            scene, qa = text_only
+            text, _ = choice_question(qa, description(scene, subject="A drawing"), rng, choice_answer)
+            lines.append(({"question_id": f"sqa-{kind}-text-{n:04d}", "text": text, "category": "text"},
+                          {"question_id": f"sqa-{kind}-text-{n:04d}", "answer": LETTERS[options_letter(text, qa.short)],
+                           "category": "text", "type": kind}))
+    return lines
+
+
+def options_letter(text, short):
+    """Which option of a choice question's text is `short` (its index)."""
+    options = [line[3:] for line in text.split("\n") if line[:3] in [f"{l}. " for l in LETTERS]]
+    return options.index(short)
+
+
+def pope_benchmark(scenes, images, train_scenes, seed, n_images):
+    """shapes-POPE: "Is there a <kind> in the image?" for the kinds an image holds (yes) and as many it does not (no),
+    the negatives drawn as POPE draws them: at random, the most frequent kinds in the training images (popular), or the
+    kinds seen most often together with the image's own (adversarial)."""
+    all_kinds = [(color, shape) for color in COLORS for shape in SHAPES]
+    frequency = Counter((o.color, o.shape) for scene in train_scenes for o in scene.objects)
+    together = Counter()
+    for scene in train_scenes:
+        present = {(o.color, o.shape) for o in scene.objects}
+        together.update((a, b) for a in present for b in present if a != b)
+    popular = sorted(all_kinds, key=lambda kind: -frequency[kind])
+    lines = []
+    for split in ("random", "popular", "adversarial"):
+        rng = random.Random(f"{seed}:pope:{split}")
+        for i in sorted(rng.sample(range(len(scenes)), min(n_images, len(scenes)))):
+            present = sorted({(o.color, o.shape) for o in scenes[i].objects})
+            absent = [kind for kind in all_kinds if kind not in present]
+            if split == "random":
+                negatives = rng.sample(absent, len(present))
+            elif split == "popular":
+                negatives = [kind for kind in popular if kind not in present][:len(present)]
+            else:
+                negatives = sorted(absent, key=lambda kind: (-sum(together[p, kind] for p in present),
+                                                             popular.index(kind)))[:len(present)]
+            for label, kinds in (("yes", present), ("no", negatives)):
+                for color, shape in kinds:
+                    question_id = f"pope-{split}-{len(lines):05d}"
+                    lines.append(({"question_id": question_id, "image": images[i], "category": split,
+                                   "text": short_answer_question(f"Is there {with_article(f'{color} {shape}')} in "
+                                                                 "the image?")},
+                                  {"question_id": question_id, "label": label, "category": split}))
+    return lines
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Files: sample distinct scenes, split them, render, teach, write; atomically, into a cache directory.
 
 
-def settings(seed, n_train, n_heldout, eval_per_type):
+def settings(seed, n_train, n_heldout, eval_per_type, choice_answer="letter"):
     """Everything the world's content depends on; its hash names the cache directory."""
     return {"version": VERSION, "seed": seed, "n_train": n_train, "n_heldout": n_heldout,
-            "eval_per_type": eval_per_type, "image_size": IMAGE_SIZE, "grid": GRID, "cell_names": CELL_NAMES,
-            "shapes": SHAPES, "colors": COLORS, "sizes": SIZES, "backgrounds": BACKGROUNDS,
-            "objects": [MIN_OBJECTS, MAX_OBJECTS], "cell_margin": CELL_MARGIN, "max_jitter": MAX_JITTER,
-            "conversation_turns": CONVERSATION_TURNS, "reasoning_turns": REASONING_TURNS,
-            "description_fraction": DESCRIPTION_FRACTION, "brief_questions": BRIEF_DESCRIPTION_QUESTIONS,
-            "detailed_questions": DETAILED_DESCRIPTION_QUESTIONS}
+            "eval_per_type": eval_per_type, "choice_answer": choice_answer, "image_size": IMAGE_SIZE, "grid": GRID,
+            "cell_names": CELL_NAMES, "shapes": SHAPES, "colors": COLORS, "sizes": SIZES,
+            "backgrounds": BACKGROUNDS, "objects": [MIN_OBJECTS, MAX_OBJECTS], "color_weights": COLOR_WEIGHTS,
+            "shape_weights": SHAPE_WEIGHTS, "complements": COMPLEMENTS, "companion_prob": COMPANION_PROB,
+            "cell_margin": CELL_MARGIN, "max_jitter": MAX_JITTER, "conversation_turns": CONVERSATION_TURNS,
+            "reasoning_turns": REASONING_TURNS, "description_fraction": DESCRIPTION_FRACTION,
+            "vqa_turns": VQA_TURNS, "text_choice_fraction": TEXT_CHOICE_FRACTION, "sqa_per_type": SQA_PER_TYPE,
+            "pope_images": POPE_IMAGES, "short_answer_prompt": SHORT_ANSWER_PROMPT, "choice_prompt": CHOICE_PROMPT,
+            "brief_questions": BRIEF_DESCRIPTION_QUESTIONS, "detailed_questions": DETAILED_DESCRIPTION_QUESTIONS}
 
 
 def write_json(path, data):
@@ -442,24 +690,35 @@ def write_json(path, data):
         f.write("\n")
 
 
-def generate(directory, seed, n_train, n_heldout, eval_per_type):
-    """Write a whole world into `directory` (which exists and is empty); return its manifest."""
-    directory = Path(directory)
-    (directory / "images").mkdir()
-    rng = random.Random(seed)
+def write_jsonl(path, lines):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+def distinct_scenes(rng, count):
+    """`count` scenes, no two the same (so the two splits can't share one), in random order."""
     scenes, seen = [], set()
-    for _ in range(100 * (n_train + n_heldout)):  # distinct scenes only, so the two splits can't share one
-        if len(scenes) == n_train + n_heldout:
+    for _ in range(100 * count):
+        if len(scenes) == count:
             break
         scene = sample_scene(rng)
         if scene.key() not in seen:
             seen.add(scene.key())
             scenes.append(scene)
-    if len(scenes) < n_train + n_heldout:
-        raise ValueError(f"the world has too few distinct scenes for {n_train} + {n_heldout} images")
+    if len(scenes) < count:
+        raise ValueError(f"the world has too few distinct scenes for {count} images")
     rng.shuffle(scenes)  # rejection favours many-object scenes late in sampling; spread them over both splits
+    return scenes
 
-    manifest = {**settings(seed, n_train, n_heldout, eval_per_type), "files": {}, "question_types": {},
+
+def generate(directory, seed, n_train, n_heldout, eval_per_type, choice_answer="letter"):
+    """Write a whole world into `directory` (which exists and is empty); return its manifest."""
+    directory = Path(directory)
+    (directory / "images").mkdir()
+    scenes = distinct_scenes(random.Random(seed), n_train + n_heldout)
+    held_out_keys = frozenset(scene.key() for scene in scenes[n_train:])
+    manifest = {**settings(seed, n_train, n_heldout, eval_per_type, choice_answer), "files": {},
+                "question_types": {},
                 "objects_per_scene": dict(sorted(Counter(str(len(s.objects)) for s in scenes).items()))}
     scene_records = []
     for split, split_scenes, prefix in (("train", scenes[:n_train], ""), ("val", scenes[n_train:], "val_")):
@@ -467,21 +726,28 @@ def generate(directory, seed, n_train, n_heldout, eval_per_type):
         for i, scene in enumerate(split_scenes):
             image = f"images/{split}_{i:05d}.png"
             render(scene).save(directory / image, compress_level=1)
-            one, more = teach(scene, image, random.Random(f"{seed}:{image}"), tally)
+            one, more = teach(scene, image, random.Random(f"{seed}:{image}"), tally, choice_answer, held_out_keys)
             images.append(image)
             stage1.append(one)
             stage2.extend(more)
             scene_records.append({"image": image, "split": split, **scene_to_json(scene), "caption": caption(scene)})
-        random.Random(f"{seed}:{split}:mix").shuffle(stage2)  # the three response types, mixed
+        random.Random(f"{seed}:{split}:mix").shuffle(stage2)  # the response types, mixed
         write_json(directory / f"{prefix}stage1.json", stage1)
         write_json(directory / f"{prefix}stage2.json", stage2)
         manifest["files"].update({f"{prefix}stage1.json": len(stage1), f"{prefix}stage2.json": len(stage2)})
         manifest["question_types"][split] = dict(sorted(tally.items()))
         if split == "val":
             items = eval_questions(split_scenes, images, seed, eval_per_type)
-            write_json(directory / "eval.json", items)
+            write_json(directory / "eval.json", [item for item, _ in items])
             manifest["files"]["eval.json"] = len(items)
-            manifest["question_types"]["eval"] = dict(Counter(item["type"] for item in items))
+            manifest["question_types"]["eval"] = dict(Counter(item["type"] for item, _ in items))
+            avoid = frozenset(scene.key() for scene in scenes)
+            for name, lines in (("vqa", vqa_benchmark(items)),
+                                ("sqa", sqa_benchmark(split_scenes, images, seed, SQA_PER_TYPE, choice_answer, avoid)),
+                                ("pope", pope_benchmark(split_scenes, images, scenes[:n_train], seed, POPE_IMAGES))):
+                write_jsonl(directory / f"shapes_{name}.jsonl", [question for question, _ in lines])
+                write_jsonl(directory / f"shapes_{name}_truth.jsonl", [truth for _, truth in lines])
+                manifest["files"][f"shapes_{name}.jsonl"] = len(lines)
     write_json(directory / "scenes.json", scene_records)
     manifest["files"].update({"scenes.json": len(scene_records), "images": len(scenes)})
     write_json(directory / "world.json", manifest)
@@ -489,17 +755,20 @@ def generate(directory, seed, n_train, n_heldout, eval_per_type):
 
 
 def world_directory(root=DEFAULT_ROOT, seed=0, n_train=N_TRAIN_IMAGES, n_heldout=N_HELDOUT_IMAGES,
-                    eval_per_type=EVAL_PER_TYPE):
+                    eval_per_type=EVAL_PER_TYPE, choice_answer="letter"):
     """root/v{VERSION}-seed{seed}-{hash of all the settings}: a change of constants or seed never reuses a stale
     world."""
-    digest = hashlib.sha256(json.dumps(settings(seed, n_train, n_heldout, eval_per_type), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(settings(seed, n_train, n_heldout, eval_per_type, choice_answer),
+                                       sort_keys=True).encode())
     return Path(root) / f"v{VERSION}-seed{seed}-{digest.hexdigest()[:10]}"
 
 
 def ensure_world(root=DEFAULT_ROOT, seed=0, n_train=N_TRAIN_IMAGES, n_heldout=N_HELDOUT_IMAGES,
-                 eval_per_type=EVAL_PER_TYPE):
+                 eval_per_type=EVAL_PER_TYPE, choice_answer="letter"):
     """The world's directory (see world_directory), generated on first use."""
-    directory = world_directory(root, seed, n_train, n_heldout, eval_per_type)
+    if choice_answer not in CHOICE_ANSWERS:
+        raise ValueError(f"choice_answer must be one of {', '.join(CHOICE_ANSWERS)}, got {choice_answer!r}")
+    directory = world_directory(root, seed, n_train, n_heldout, eval_per_type, choice_answer)
     if directory.exists():
         if not (directory / "world.json").exists():
             raise RuntimeError(f"{directory} exists but holds no world.json: not a world written by world.py; "
@@ -509,7 +778,7 @@ def ensure_world(root=DEFAULT_ROOT, seed=0, n_train=N_TRAIN_IMAGES, n_heldout=N_
     started = time.time()
     temporary = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
     try:
-        manifest = generate(temporary, seed, n_train, n_heldout, eval_per_type)
+        manifest = generate(temporary, seed, n_train, n_heldout, eval_per_type, choice_answer)
         os.chmod(temporary, 0o755)
         os.rename(temporary, directory)  # the world appears whole or not at all
     except BaseException:
@@ -540,10 +809,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Generate the shapes world and print a summary.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--root", default=DEFAULT_ROOT)
+    parser.add_argument("--choice_answer", choices=CHOICE_ANSWERS, default="letter",
+                        help="how multiple-choice records are answered: the letter (LLaVA-1.5), or the paper's "
+                             "ScienceQA ablation: an explanation then the letter, or the other way round")
     args = parser.parse_args()
-    cached = world_directory(args.root, args.seed).exists()
+    cached = world_directory(args.root, args.seed, choice_answer=args.choice_answer).exists()
     started = time.time()
-    world = ensure_world(args.root, args.seed)
+    world = ensure_world(args.root, args.seed, choice_answer=args.choice_answer)
     elapsed = time.time() - started
     manifest = json.loads((world / "world.json").read_text())
     print(f"world directory: {world}")

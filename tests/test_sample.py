@@ -410,3 +410,146 @@ def test_eval_reports_each_type_and_ends_with_the_accuracy_line(tiny, tmp_path):
     assert lines[0].split() == ["color", "1/2", "0.5000"]
     assert lines[1].split() == ["count", "1/2", "0.5000"]
     assert lines[2].split() == ["overall", "2/4", "0.5000"]
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LLaVA's evaluation files: question lines in, answer lines out, and the benchmarks' scoring rules
+
+
+def write_lines(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return str(path)
+
+
+def read_lines(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def question_file(tiny, path):
+    """Two image questions (images relative to the file's folder) and a text-only one."""
+    return write_lines(path, [
+        {"question_id": "q0", "image": os.path.basename(tiny.images[0]), "text": QUESTION, "category": "color"},
+        {"question_id": 7, "text": FOLLOW_UP},
+        {"question_id": "q2", "image": os.path.basename(tiny.images[1]), "text": FOLLOW_UP}])
+
+
+def test_answer_file_has_llava_model_vqa_records_with_the_answers_generate_gives_text_only_without_an_image(tiny):
+    model = TinyLLaVA.from_pretrained(tiny.ckpt).eval()
+    encode = lambda text: tiny.tokenizer.encode(text, add_special_tokens=False).ids
+    text_only = model.generate([[BOS] + encode(f"{SYSTEM} USER: {FOLLOW_UP} ASSISTANT:")], None, max_new_tokens=12,
+                               stop_token_ids=[EOS])[0].tolist()
+    expected = [("q0", QUESTION, our_answer(tiny, model, QUESTION, tiny.images[0], 12), {"category": "color"}),
+                (7, FOLLOW_UP, tiny.tokenizer.decode(until_stop(text_only)).strip(), {}),
+                ("q2", FOLLOW_UP, our_answer(tiny, model, FOLLOW_UP, tiny.images[1], 12), {})]
+    questions, answers = question_file(tiny, tiny.root / "q.jsonl"), str(tiny.root / "answers.jsonl")
+    result = run_cli("--questions", questions, "--answers", answers, "--ckpt", tiny.ckpt, "--max_new_tokens", "12",
+                     "--batch_size", "2")
+    assert result.returncode == 0, result.stderr
+    lines = read_lines(answers)
+    assert [set(line) for line in lines] == [{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}] * 3
+    assert [(line["question_id"], line["prompt"], line["text"], line["metadata"]) for line in lines] == expected
+    assert all(line["model_id"] == os.path.basename(tiny.root) for line in lines)
+    assert len({line["answer_id"] for line in lines}) == 3 and "ETA" in result.stderr
+
+
+def test_killed_run_resumes_without_repeating_or_losing_a_question(tiny, tmp_path, monkeypatch):
+    questions = question_file(tiny, tmp_path / "q.jsonl")
+    flags = ["--questions", questions, "--image_folder", str(tiny.root), "--ckpt", tiny.ckpt, "--max_new_tokens", "8",
+             "--batch_size", "1"]
+    assert sample.main(flags + ["--answers", str(tmp_path / "whole.jsonl")]) == 0
+    generate, calls = TinyLLaVA.generate, []
+
+    def killed_on_the_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            with open(tmp_path / "resumed.jsonl", "a") as f:
+                f.write('{"question_id": 7, "pro')  # the kill also cut a line being written
+            raise KeyboardInterrupt
+        return generate(self, *args, **kwargs)
+    monkeypatch.setattr(TinyLLaVA, "generate", killed_on_the_second_batch)
+    assert sample.main(flags + ["--answers", str(tmp_path / "resumed.jsonl")]) == 130
+    assert open(tmp_path / "resumed.jsonl").read().startswith('{"question_id": "q0"')  # then the cut line
+    monkeypatch.setattr(TinyLLaVA, "generate", generate)
+    assert sample.main(flags + ["--answers", str(tmp_path / "resumed.jsonl")]) == 0
+    fields = lambda lines: [(line["question_id"], line["text"]) for line in lines]
+    assert fields(read_lines(tmp_path / "resumed.jsonl")) == fields(read_lines(tmp_path / "whole.jsonl"))
+
+
+def test_chunks_partition_the_questions_in_order_as_llava_splits_them():
+    items = list(range(10))
+    for n in (1, 3, 4, 10, 12):
+        chunks = [sample.chunk(items, n, k) for k in range(n)]
+        assert sum(chunks, []) == items
+        assert all(len(c) == -(-10 // n) for c in chunks[:10 // -(-10 // n)])  # LLaVA: chunks of ceil(len / n)
+    assert sample.chunk(items, 3, 2) == [8, 9]
+
+
+def test_bad_question_lines_and_missing_images_are_named_by_line_skipped_counted_and_stop_past_the_threshold(tiny,
+                                                                                                            tmp_path):
+    lines = [{"question_id": f"q{k}", "text": QUESTION, "image": os.path.basename(tiny.images[0])} for k in range(8)]
+    lines[2] = "{not json"
+    lines[5] = {"question_id": "q5", "text": QUESTION, "image": "missing.png"}
+    questions = write_lines(tmp_path / "q.jsonl", lines)
+    shutil.copy(tiny.images[0], tmp_path)
+    flags = ["--questions", questions, "--answers", str(tmp_path / "a.jsonl"), "--ckpt", tiny.ckpt,
+             "--max_new_tokens", "4"]
+    result = run_cli(*flags, "--max_bad_fraction", "0.3")
+    assert result.returncode == 0, result.stderr
+    assert f"{questions}:3: not JSON" in result.stderr and f"{questions}:6: cannot load image" in result.stderr
+    assert [line["question_id"] for line in read_lines(tmp_path / "a.jsonl")] == ["q0", "q1", "q3", "q4", "q6", "q7"]
+    result = run_cli(*flags[:3], str(tmp_path / "b.jsonl"), *flags[4:], "--max_bad_fraction", "0.1")
+    assert result.returncode == 1 and "bad" in result.stderr and "--max_bad_fraction" in result.stderr
+    assert len(result.stderr.strip().splitlines()[-1]) < 400
+
+
+def score_lines(tmp_path, kind, answers, truth):
+    """sample.py --score on hand-written answers ({id: text}) and truth ({id: answer or (answer, category)})."""
+    answer_file = write_lines(tmp_path / "a.jsonl", [{"question_id": k, "text": v} for k, v in answers.items()])
+    truth_file = write_lines(tmp_path / "t.jsonl", [
+        {"question_id": k, ("label" if kind == "pope" else "answer"): v[0] if isinstance(v, tuple) else v}
+        | ({"category": v[1]} if isinstance(v, tuple) else {}) for k, v in truth.items()])
+    printed = io.StringIO()
+    accuracy = sample.score(kind, answer_file, truth_file, out=printed)
+    return accuracy, printed.getvalue()
+
+
+def test_short_answers_are_lowercased_and_lose_a_trailing_period_then_must_match_exactly(tmp_path):
+    answers = {1: "Red.", 2: "yes", 3: " Top Left. ", 4: "red circle", 5: "2.", 6: "The circle is red."}
+    truth = {1: "red", 2: "yes", 3: "top left", 4: "red", 5: "2", 6: "red"}
+    accuracy, table = score_lines(tmp_path, "short", answers, truth)
+    assert accuracy == 4 / 6  # 1, 2, 3, 5 right; 4 and 6 are not a single matching word
+    assert "overall" in table
+
+
+def test_choices_are_read_as_scienceqa_reads_them_and_anything_else_fails(tmp_path):
+    answers = {1: "A", 2: "B. blue", 3: "The answer is C.", 4: "I think it is A", 5: "D", 6: "a", 7: "C. red",
+               8: "The answer is B. Because the circle is blue."}
+    truth = {1: ("A", "image"), 2: ("B", "image"), 3: ("C", "text"), 4: ("A", "text"), 5: ("A", "image"),
+             6: ("A", "text"), 7: ("A", "text"), 8: ("B", "image")}
+    accuracy, table = score_lines(tmp_path, "choice", answers, truth)
+    assert accuracy == 4 / 8  # 1, 2, 3, 8; 4 and 6 FAILED (no letter read), 5 and 7 wrong letters
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:]}
+    assert rows["image"] == ["3", "4", "0.7500", "0"] and rows["text"] == ["1", "4", "0.2500", "2"]
+    assert rows["overall"] == ["4", "8", "0.5000", "2"]
+
+
+def test_pope_reads_the_first_sentence_no_or_not_means_no_and_reports_precision_recall_f1_yes_ratio(tmp_path):
+    answers = {1: "Yes", 2: "No, there is not.", 3: "There is not a red circle.", 4: "Yes. There is no square.",
+               5: "yes", 6: "Yes, there is."}
+    truth = {1: ("yes", "random"), 2: ("no", "random"), 3: ("yes", "random"), 4: ("yes", "adversarial"),
+             5: ("no", "adversarial"), 6: ("no", "adversarial")}
+    accuracy, table = score_lines(tmp_path, "pope", answers, truth)
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in table.splitlines()[2:]}
+    # predicted yes, no, no, yes, yes, yes: right 1, 2, 4; true positives 1 and 4 of 4 predicted yes and 3 true yes
+    assert accuracy == 3 / 6
+    assert rows["overall"] == [6, 0.5, 0.5, round(2 / 3, 4), round(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3), 4), round(4 / 6, 4)]
+    assert rows["random"] == [3, round(2 / 3, 4), 1.0, 0.5, round(2 / 3, 4), round(1 / 3, 4)]
+
+
+def test_scores_read_scienceqa_problems_json_and_refuse_answers_missing_from_the_key(tmp_path):
+    answers = write_lines(tmp_path / "a.jsonl", [{"question_id": "4", "text": "B"}, {"question_id": "9", "text": "A"}])
+    (tmp_path / "problems.json").write_text(json.dumps({"4": {"answer": 1, "split": "test"},
+                                                        "9": {"answer": 2, "split": "test"}}))
+    assert sample.score("choice", answers, str(tmp_path / "problems.json"), out=io.StringIO()) == 0.5
+    with pytest.raises(sample.SampleError, match="not in --truth"):
+        sample.score("choice", write_lines(tmp_path / "b.jsonl", [{"question_id": "5", "text": "A"}]),
+                     str(tmp_path / "problems.json"), out=io.StringIO())
