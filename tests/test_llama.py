@@ -261,21 +261,27 @@ def test_save_pretrained_round_trips_through_transformers(tmp_path):
         assert (reloaded(input_ids).logits - theirs(input_ids).logits).abs().max() <= 1e-5
 
 
-def test_gradient_checkpointing_gives_the_same_gradients_well_above_the_tolerance():
+def test_gradient_checkpointing_recomputes_each_block_and_gives_the_same_gradients_well_above_the_tolerance():
     config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     model = randomize(Llama(config))  # norms != 1: a block recomputed without its weights would show
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, 32, (2, 10), generator=generator)
     directions = torch.randn(2, 10, 32, generator=generator)  # a loss that reaches every logit with weight ~1
+    block_calls = []
+    for block in model.layers:
+        block.register_forward_pre_hook(lambda *_: block_calls.append(1))  # recomputation may stop early
 
     def gradients():
         model.zero_grad()
+        block_calls.clear()
         (model(input_ids) * directions).sum().backward()
         return [p.grad.clone() for p in model.parameters()]
     plain = gradients()
+    assert len(block_calls) == 2  # each block once
     model.gradient_checkpointing = True
     checkpointed = gradients()
+    assert len(block_calls) == 4  # each block again in backward: its activations were not kept
     for (name, _), a, b in zip(model.named_parameters(), plain, checkpointed):
         assert a.abs().max() >= 1e-2, f"{name}: gradient {a.abs().max():.1e} too small to tell anything apart"
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)

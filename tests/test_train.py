@@ -276,7 +276,8 @@ def test_gradient_checkpointing_and_compile_give_w_and_the_llm_the_plain_gradien
         with capsys.disabled():
             print("\n--compile tested with torch.compile(backend='aot_eager'): inductor's kernels are left out")
     for name, settings in variants:
-        train.main(flags(tiny, tmp_path / name, batch_size=4, val_data_path="", grad_clip=0, **settings))
+        model = train.main(flags(tiny, tmp_path / name, batch_size=4, val_data_path="", grad_clip=0, **settings))
+        assert model.llm.gradient_checkpointing == (name == "checkpointed"), name  # the same gradients, but is it on?
         runs[name], gradients[:] = list(gradients), []
     plain = runs.pop("plain")
     assert len(plain) == 2 and {name.split(".")[0] for name in plain[0]} == {"projector", "llm"}
