@@ -439,9 +439,9 @@ def lora_targets(text):
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name.removesuffix("_proj") not in LORA_TARGETS]
     if unknown or not names:
-        raise ValueError(f"{', '.join(map(repr, unknown)) or 'nothing'} matches no linear layer of the LLM's blocks; "
-                         f"they are {', '.join(LORA_TARGETS)} (comma-separated; the vision tower, W, the embeddings "
-                         "and lm_head take no adapters)")
+        problem = f"{', '.join(map(repr, unknown))} matches no linear layer" if unknown else "names no linear layer"
+        raise ValueError(f"{problem} of the LLM's blocks; they are {', '.join(LORA_TARGETS)} (comma-separated; the "
+                         "vision tower, W, the embeddings and lm_head take no adapters)")
     return tuple(dict.fromkeys(name.removesuffix("_proj") for name in names))
 
 

@@ -244,6 +244,7 @@ def test_lora_checkpoint_on_an_hf_llava_directory_that_changed_is_refused_naming
     (["--stage", "2", "--lora_r", "8", "--lora_targets", "q,qq,lm_head"],
      "'qq', 'lm_head' matches no linear layer of the LLM's blocks; they are q, k, v, o, gate, up, down"),
     (["--stage", "1", "--lora_r", "8"], "--lora_r: LoRA adapts the LLM, which stage 1 keeps frozen (only W trains)"),
+    (["--stage", "2", "--lora_r", "8", "--lora_targets", " , "], "' , ': names no linear layer of the LLM's blocks"),
     (["--stage", "2", "--lora_alpha", "32"], "--lora_alpha does nothing without --lora_r"),
     (["--stage", "2", "--lora_r", "8", "--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1), got 1.5"),
     (["--stage", "2", "--projector_lr", "-1e-3"], "--projector_lr must be at least 0"),
