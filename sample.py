@@ -124,7 +124,8 @@ def make_parser():
     files.add_argument("--questions", default=None, metavar="FILE",
                        help="answer a question file: JSON lines {question_id, image (absent: text-only), text[, "
                             "category]}, or a LLaVA JSON list of records (ScienceQA's llava_test_CQM-A.json); "
-                            "greedy, image first, in batches")
+                            "greedy, image first, in batches; with --score, the question file a POPE annotation "
+                            "directory is read against")
     files.add_argument("--answers", default=None, metavar="FILE",
                        help="the answer file --questions appends to (a killed run resumes: question ids already in "
                             "it are skipped) and --score reads")
@@ -145,9 +146,11 @@ def make_parser():
                        help="draw the held-out accuracy train.py logged (--eval_questions) against the step, one "
                             "curve per log.jsonl (labelled by its directory), into --png")
     files.add_argument("--png", default="curve.png", metavar="FILE", help="--plot: the picture (default: curve.png)")
-    files.add_argument("--truth", default=None, metavar="FILE",
-                       help="--score: the answer key: JSON lines {question_id, answer or label[, category]}, or a JSON "
-                            "object by question id (GQA's questions file, ScienceQA's problems.json)")
+    files.add_argument("--truth", default=None, metavar="PATH",
+                       help="--score: the answer key: JSON lines {question_id, answer or label[, category]}, a JSON "
+                            "object by question id (GQA's questions file, ScienceQA's problems.json), or POPE's "
+                            "annotation directory of coco_pope_{category}.json files (with --questions: the question "
+                            "file, whose order pairs questions and labels, as eval_pope.py)")
     model = parser.add_argument_group("model")
     source = model.add_mutually_exclusive_group()
     source.add_argument("--ckpt", default=None, metavar="PATH",
@@ -575,10 +578,12 @@ def ask_question_file(args, device, dtype):
 # Scoring answer files by the benchmarks' rules
 
 
-def read_truth(path):
+def read_truth(path, questions=None):
     """{question_id: (answer, category or None)} from JSON lines {question_id, answer or label[, category]}, or from
     a JSON object by question id ({"answer": ...}: GQA's questions file; ScienceQA's problems.json, whose answer is
-    the index of the right choice)."""
+    the index of the right choice), or from POPE's annotation directory (read_pope_truth)."""
+    if os.path.isdir(path):
+        return read_pope_truth(path, questions)
     try:
         with open(path, encoding="utf-8") as f:
             content = f.read()
@@ -599,6 +604,35 @@ def read_truth(path):
         raise SampleError(f"--truth {path}: {error.strerror}") from None
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise SampleError(f"--truth {path}: not an answer key ({type(error).__name__}: {error})") from None
+
+
+def read_pope_truth(directory, questions):
+    """POPE's key as eval_pope.py reads it: coco_pope_{category}.json holds one label line per question of that
+    category, in the order of the question file (whose question ids are unique; the label files' are not)."""
+    if not questions:
+        raise SampleError(f"--truth {directory}: a POPE annotation directory needs --questions (the question file "
+                          "llava_pope_test.jsonl), whose categories and order pair each question with its label")
+    order = defaultdict(list)  # category -> question ids, in the question file's order
+    for number, line in enumerate(filter(str.strip, open(questions, encoding="utf-8")), 1):
+        try:
+            record = json.loads(line)
+            order[record["category"]].append(record["question_id"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise SampleError(f"--questions {questions}:{number}: not a POPE question line") from None
+    truth = {}
+    for category, ids in order.items():
+        path = os.path.join(directory, f"coco_pope_{category}.json")
+        try:
+            labels = [json.loads(line)["label"] for line in filter(str.strip, open(path, encoding="utf-8"))]
+        except OSError as error:
+            raise SampleError(f"--truth {path}: {error.strerror} (category {category!r} of --questions)") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise SampleError(f"--truth {path}: not a POPE label file ({type(error).__name__}: {error})") from None
+        if len(labels) != len(ids):
+            raise SampleError(f"--truth {path}: {len(labels)} labels for the {len(ids)} {category!r} questions of "
+                              f"--questions {questions}")
+        truth.update({key: (label, category) for key, label in zip(ids, labels)})
+    return truth
 
 
 def short_answer(text):
@@ -625,11 +659,11 @@ def yes_or_no(text):
     return "no" if {"No", "no", "not"} & set(words) else "yes"
 
 
-def score(kind, answers_path, truth_path, out=None):
+def score(kind, answers_path, truth_path, out=None, questions=None):
     """Score an answer file: a table per category (POPE: accuracy, precision, recall, F1, yes-ratio); returns the
-    overall accuracy."""
+    overall accuracy. questions: the question file, for a POPE annotation directory as truth_path."""
     out = out or sys.stdout
-    truth = read_truth(truth_path)
+    truth = read_truth(truth_path, questions)
     answers = {}
     with open(answers_path, encoding="utf-8") as f:
         for number, line in enumerate(filter(str.strip, f), 1):
@@ -839,10 +873,10 @@ def evaluate(model, tokenizer, items, images, aspect, batch, max_new, out=None):
 
 def run(args):
     if args.score:
-        for flag, path in (("--answers", args.answers), ("--truth", args.truth)):
-            if not os.path.isfile(path):
+        for flag, path in (("--answers", args.answers), ("--truth", args.truth), ("--questions", args.questions)):
+            if path and not os.path.exists(path):
                 raise SampleError(f"{flag} {path}: no such file")
-        accuracy = score(args.score, args.answers, args.truth)
+        accuracy = score(args.score, args.answers, args.truth, questions=args.questions)
         print(f"accuracy: {accuracy:.4f}")
         return
     if args.plot:

@@ -553,3 +553,30 @@ def test_scores_read_scienceqa_problems_json_and_refuse_answers_missing_from_the
     with pytest.raises(sample.SampleError, match="not in --truth"):
         sample.score("choice", write_lines(tmp_path / "b.jsonl", [{"question_id": "5", "text": "A"}]),
                      str(tmp_path / "problems.json"), out=io.StringIO())
+
+
+def test_pope_annotation_directory_pairs_labels_with_questions_by_category_and_file_order(tmp_path):
+    # POPE's label files each number their questions from 1, so ids collide across categories; eval_pope.py pairs the
+    # questions of a category, in the question file's order, with that category's labels, in order.
+    questions = write_lines(tmp_path / "llava_pope_test.jsonl", [
+        {"question_id": 10, "image": "a.jpg", "text": "Is there a cat?", "category": "random"},
+        {"question_id": 11, "image": "a.jpg", "text": "Is there a dog?", "category": "popular"},
+        {"question_id": 12, "image": "b.jpg", "text": "Is there a car?", "category": "random"},
+        {"question_id": 13, "image": "b.jpg", "text": "Is there a bus?", "category": "popular"}])
+    (tmp_path / "coco").mkdir()
+    write_lines(tmp_path / "coco" / "coco_pope_random.json", [{"question_id": 1, "label": "yes"},
+                                                               {"question_id": 2, "label": "no"}])
+    write_lines(tmp_path / "coco" / "coco_pope_popular.json", [{"question_id": 1, "label": "no"},
+                                                                {"question_id": 2, "label": "no"}])
+    answers = write_lines(tmp_path / "a.jsonl", [{"question_id": 13, "text": "No."}, {"question_id": 10, "text": "Yes"},
+                                                 {"question_id": 12, "text": "No"}, {"question_id": 11, "text": "Yes"}])
+    printed = io.StringIO()
+    accuracy = sample.score("pope", answers, str(tmp_path / "coco"), out=printed, questions=questions)
+    assert accuracy == 3 / 4  # 10 yes=yes, 12 no=no, 13 no=no; 11 yes against no
+    rows = {line.split()[0]: line.split()[1:3] for line in printed.getvalue().splitlines()[2:]}
+    assert rows["random"] == ["2", "1.0000"] and rows["popular"] == ["2", "0.5000"]
+    with pytest.raises(sample.SampleError, match="needs --questions"):
+        sample.score("pope", answers, str(tmp_path / "coco"), out=io.StringIO())
+    write_lines(tmp_path / "coco" / "coco_pope_random.json", [{"question_id": 1, "label": "yes"}])
+    with pytest.raises(sample.SampleError, match="1 labels for the 2 'random' questions"):
+        sample.score("pope", answers, str(tmp_path / "coco"), out=io.StringIO(), questions=questions)
