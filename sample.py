@@ -713,7 +713,22 @@ def score(kind, answers_path, truth_path, out=None, questions=None):
             print(f"{category:<20} {right:>6} {len(pairs):>6} {right / len(pairs):>9.4f}"
                   + (f"  {failed[category]:>6}" if kind == "choice" else ""), file=out)
     overall = groups["overall"]
+    print(format_compliance(kind, overall, [record["text"] for record in answers.values()]), file=out)
     return sum(p == t for p, t in overall) / len(overall)
+
+
+def format_compliance(kind, pairs, texts):
+    """The share of answers in the response format the prompt asked for, right or wrong: a word or phrase among the
+    key's answers (short), a bare letter (choice), a first sentence that is yes or no (pope)."""
+    if kind == "short":
+        vocabulary = {right for _, right in pairs}
+        n, what = sum(predicted in vocabulary for predicted, _ in pairs), "a word or phrase among the key's answers"
+    elif kind == "choice":
+        n, what = sum(bool(re.fullmatch(r"[A-Z]", text.strip())) for text in texts), "a bare letter"
+    else:
+        n = sum(text.split(".")[0].replace(",", " ").split()[:1] in (["Yes"], ["No"], ["yes"], ["no"]) for text in texts)
+        what = "yes or no first"
+    return f"format: {n} of {len(texts)} answers ({n / max(1, len(texts)):.1%}) are {what}"
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Learning curves: held-out accuracy against the step, from train.py's logs

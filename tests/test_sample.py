@@ -518,6 +518,8 @@ def test_short_answers_are_lowercased_and_lose_a_trailing_period_then_must_match
     accuracy, table = score_lines(tmp_path, "short", answers, truth)
     assert accuracy == 4 / 6  # 1, 2, 3, 5 right; 4 and 6 are not a single matching word
     assert "overall" in table
+    # format compliance: 1, 2, 3, 5 are among the key's answers (right or wrong); "red circle" and a sentence are not
+    assert "format: 4 of 6 answers (66.7%) are a word or phrase among the key's answers" in table
 
 
 def test_choices_are_read_as_scienceqa_reads_them_and_anything_else_fails(tmp_path):
@@ -530,6 +532,7 @@ def test_choices_are_read_as_scienceqa_reads_them_and_anything_else_fails(tmp_pa
     rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:]}
     assert rows["image"] == ["3", "4", "0.7500", "0"] and rows["text"] == ["1", "4", "0.2500", "2"]
     assert rows["overall"] == ["4", "8", "0.5000", "2"]
+    assert "format: 2 of 8 answers (25.0%) are a bare letter" in table  # 1 and 5 ("a" is no capital letter)
 
 
 def test_pope_reads_the_first_sentence_no_or_not_means_no_and_reports_precision_recall_f1_yes_ratio(tmp_path):
@@ -538,7 +541,8 @@ def test_pope_reads_the_first_sentence_no_or_not_means_no_and_reports_precision_
     truth = {1: ("yes", "random"), 2: ("no", "random"), 3: ("yes", "random"), 4: ("yes", "adversarial"),
              5: ("no", "adversarial"), 6: ("no", "adversarial")}
     accuracy, table = score_lines(tmp_path, "pope", answers, truth)
-    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in table.splitlines()[2:]}
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in table.splitlines()[2:-1]}
+    assert table.splitlines()[-1] == "format: 5 of 6 answers (83.3%) are yes or no first"  # not "There is not ..."
     # predicted yes, no, no, yes, yes, yes: right 1, 2, 4; true positives 1 and 4 of 4 predicted yes and 3 true yes
     assert accuracy == 3 / 6
     assert rows["overall"] == [6, 0.5, 0.5, round(2 / 3, 4), round(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3), 4), round(4 / 6, 4)]
