@@ -162,7 +162,7 @@ class TrainConfig:
 STAGE_DEFAULTS = {
     1: dict(out_dir="out/stage1", template="plain", learning_rate=1e-3, epochs=1, global_batch_size=32,
             batch_size=32),
-    2: dict(out_dir="out/stage2", template="vicuna_v1", learning_rate=1e-3, epochs=2, global_batch_size=32,
+    2: dict(out_dir="out/stage2", template="vicuna_v1", learning_rate=1e-3, epochs=1, global_batch_size=32,
             batch_size=16),
 }
 # taken from the --init checkpoint unless given
