@@ -195,9 +195,9 @@ def test_lora_from_a_transformers_llava_directory_lowers_held_out_loss_and_runs_
     common = dict(eval_samples=0, learning_rate=1e-2)
     train.main(lora_flags(tiny, tmp_path / "untrained", towers=False, init=hf_llava, max_steps=1, **dict(common,
                                                                                            learning_rate=1e-12)))
-    train.main(lora_flags(tiny, tmp_path / "lora", towers=False, init=hf_llava, max_steps=8, **common))
+    train.main(lora_flags(tiny, tmp_path / "lora", towers=False, init=hf_llava, max_steps=16, **common))
     untrained, trained = (train_log(tmp_path / name, "eval")[-1]["val_loss"] for name in ("untrained", "lora"))
-    assert trained < untrained - 0.25, (untrained, trained)  # 6.16 -> 5.69 when written
+    assert trained < untrained - 0.25, (untrained, trained)  # 6.10 -> 5.74 on world v2 (8 steps: 6.10 -> 5.88)
     saved = checkpoint(tmp_path / "lora")
     assert saved["config"]["base"] == str(hf_llava) and saved["bases"]["base"] == fingerprint(str(hf_llava))
     assert {n.split(".")[0] for n in saved["model"]} == {"projector", "llm"}
@@ -251,7 +251,7 @@ def test_lora_checkpoint_on_an_hf_llava_directory_that_changed_is_refused_naming
 ])
 def test_bad_lora_flags_fail_with_one_line_naming_the_flag(argv, message, tmp_path):
     with pytest.raises(SystemExit) as error:  # a missing refusal fails fast too: there is no data to train on
-        train.main(argv + ["--data_path", str(tmp_path / "missing.json")])
+        train.main(argv + ["--data_path", str(tmp_path / "missing.json"), "--out_dir", str(tmp_path / "out")])
     assert str(error.value).startswith("train.py: ") and message in str(error.value)
     assert "\n" not in str(error.value)
 
