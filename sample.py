@@ -663,6 +663,8 @@ def score(kind, answers_path, truth_path, out=None, questions=None):
     """Score an answer file: a table per category (POPE: accuracy, precision, recall, F1, yes-ratio); returns the
     overall accuracy. questions: the question file, for a POPE annotation directory as truth_path."""
     out = out or sys.stdout
+    if os.path.isdir(truth_path) and kind != "pope":
+        raise SampleError(f"--truth {truth_path}: a directory is read only as POPE's annotation directory (--score pope)")
     truth = read_truth(truth_path, questions)
     answers = {}
     with open(answers_path, encoding="utf-8") as f:

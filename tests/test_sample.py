@@ -581,6 +581,8 @@ def test_pope_annotation_directory_pairs_labels_with_questions_by_category_and_f
     assert rows["random"] == ["2", "1.0000"] and rows["popular"] == ["2", "0.5000"]
     with pytest.raises(sample.SampleError, match="needs --questions"):
         sample.score("pope", answers, str(tmp_path / "coco"), out=io.StringIO())
+    with pytest.raises(sample.SampleError, match="read only as POPE's annotation directory"):
+        sample.score("short", answers, str(tmp_path / "coco"), out=io.StringIO(), questions=questions)
     write_lines(tmp_path / "coco" / "coco_pope_random.json", [{"question_id": 1, "label": "yes"}])
     with pytest.raises(sample.SampleError, match="1 labels for the 2 'random' questions"):
         sample.score("pope", answers, str(tmp_path / "coco"), out=io.StringIO(), questions=questions)
