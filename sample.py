@@ -613,7 +613,9 @@ def read_pope_truth(directory, questions):
         raise SampleError(f"--truth {directory}: a POPE annotation directory needs --questions (the question file "
                           "llava_pope_test.jsonl), whose categories and order pair each question with its label")
     order = defaultdict(list)  # category -> question ids, in the question file's order
-    for number, line in enumerate(filter(str.strip, open(questions, encoding="utf-8")), 1):
+    with open(questions, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for number, line in enumerate(filter(str.strip, lines), 1):
         try:
             record = json.loads(line)
             order[record["category"]].append(record["question_id"])
@@ -623,7 +625,8 @@ def read_pope_truth(directory, questions):
     for category, ids in order.items():
         path = os.path.join(directory, f"coco_pope_{category}.json")
         try:
-            labels = [json.loads(line)["label"] for line in filter(str.strip, open(path, encoding="utf-8"))]
+            with open(path, encoding="utf-8") as f:
+                labels = [json.loads(line)["label"] for line in filter(str.strip, f)]
         except OSError as error:
             raise SampleError(f"--truth {path}: {error.strerror} (category {category!r} of --questions)") from None
         except (json.JSONDecodeError, KeyError, TypeError) as error:
@@ -674,6 +677,8 @@ def score(kind, answers_path, truth_path, out=None, questions=None):
                 answers[record["question_id"]] = record
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise SampleError(f"--answers {answers_path}:{number}: not an answer line") from None
+    if not answers:
+        raise SampleError(f"--answers {answers_path}: no answer lines to score")
     unknown = [key for key in answers if key not in truth]
     if unknown:
         raise SampleError(f"--answers {answers_path}: {len(unknown)} question ids are not in --truth {truth_path}, "

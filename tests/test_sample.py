@@ -554,6 +554,9 @@ def test_scores_read_scienceqa_problems_json_and_refuse_answers_missing_from_the
     (tmp_path / "problems.json").write_text(json.dumps({"4": {"answer": 1, "split": "test"},
                                                         "9": {"answer": 2, "split": "test"}}))
     assert sample.score("choice", answers, str(tmp_path / "problems.json"), out=io.StringIO()) == 0.5
+    with pytest.raises(sample.SampleError, match="no answer lines to score"):
+        sample.score("choice", write_lines(tmp_path / "empty.jsonl", []), str(tmp_path / "problems.json"),
+                     out=io.StringIO())
     with pytest.raises(sample.SampleError, match="not in --truth"):
         sample.score("choice", write_lines(tmp_path / "b.jsonl", [{"question_id": "5", "text": "A"}]),
                      str(tmp_path / "problems.json"), out=io.StringIO())
