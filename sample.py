@@ -752,7 +752,7 @@ def plot_curves(logs, png, size=(720, 440), margin=60):
         except (OSError, json.JSONDecodeError, KeyError) as error:
             raise SampleError(f"--plot {path}: cannot read a train.py log ({error})") from None
         if not points:
-            raise SampleError(f"--plot {path}: no held-out accuracy logged (train with --eval_questions N)")
+            raise SampleError(f"--plot {path}: no held-out accuracy logged (train stage 2 with --eval_questions N)")
         curves.append((os.path.basename(os.path.dirname(os.path.abspath(path))), points))
     width, height = size
     last = max(step for _, points in curves for step, _ in points)
@@ -863,8 +863,9 @@ def eval_items(world_dir, limit):
     return items
 
 
-def evaluate(model, tokenizer, items, images, aspect, batch, max_new, out=None):
-    """Greedy answers to every question, image first, in batches; exact match per question type and overall."""
+def evaluate(model, tokenizer, items, images, aspect, batch, max_new, out=None, progress=True):
+    """Greedy answers to every question, image first, in batches; exact match per question type and overall.
+    progress: a line on stderr after each batch."""
     out = out or sys.stdout
     template = model.config.template
     stops = stop_token_ids(tokenizer, template)
@@ -881,8 +882,9 @@ def evaluate(model, tokenizer, items, images, aspect, batch, max_new, out=None):
             total[item["type"]] += 1
             correct[item["type"]] += exact_match(decode_answer(ids, tokenizer, stops), item["answer"])
         done = min(start + batch, len(items))
-        print(f"eval: {done}/{len(items)} questions, {sum(correct.values())} right, {time.time() - started:.1f}s",
-              file=sys.stderr)
+        if progress:
+            print(f"eval: {done}/{len(items)} questions, {sum(correct.values())} right, {time.time() - started:.1f}s",
+                  file=sys.stderr)
     for kind in total:
         print(f"{kind:<20} {correct[kind]:>5}/{total[kind]:<5} {correct[kind] / total[kind]:.4f}", file=out)
     accuracy = sum(correct.values()) / len(items)

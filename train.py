@@ -55,6 +55,7 @@ import argparse
 import contextlib
 import difflib
 import inspect
+import io
 import json
 import math
 import os
@@ -71,6 +72,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import sample
 import world
 from data import TEMPLATES, Collator, LLaVADataset, ModalityLengthGroupedSampler, image_settings, load_tokenizer
 from llama import Block, lora_targets
@@ -135,6 +137,9 @@ class TrainConfig:
     log_interval: int = 10  # steps between progress lines (and log.jsonl records)
     eval_interval: int = 100  # steps between held-out losses (0: only at the end)
     eval_samples: int = 256  # held-out samples per evaluation, the first ones of the file (0: all)
+    eval_questions: int = 0  # stage 2 on the shapes world: also answer this many held-out eval.json questions (every
+                             # type in turn) greedily at step 0 and each eval, and log their exact-match accuracy
+                             # (sample.py --plot draws it); 0: none
     checkpoint_interval: int = 200  # steps between checkpoints (0: only at the end)
     stop_at_step: int = 0  # end after this step with a checkpoint, the schedule unchanged; --resume goes on from
                            # there (0: run to the end)
@@ -169,8 +174,8 @@ STAGE_DEFAULTS = {
 MODEL_FIELDS = ("vision_path", "llm_path", "projector", "vision_feature_layer", "keep_class_token")
 # may differ on --resume without changing which steps are taken (beyond float rounding)
 RESUMABLE_CHANGES = {"resume", "overwrite", "out_dir", "log_interval", "eval_interval", "eval_samples",
-                     "checkpoint_interval", "stop_at_step", "batch_size", "device", "dtype", "compile",
-                     "gradient_checkpointing", "fsdp", "num_workers", "pin_memory", "threads", "peak_flops"}
+                     "eval_questions", "checkpoint_interval", "stop_at_step", "batch_size", "device", "dtype",
+                     "compile", "gradient_checkpointing", "fsdp", "num_workers", "pin_memory", "threads", "peak_flops"}
 # dense bf16 tensor-core peaks (FLOP/s) for MFU, by GPU name; the first match wins
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12),
                    ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165e12))
@@ -632,6 +637,33 @@ def evaluate(model, batches, runtime):
     return loss_sum / max(count, 1)
 
 
+def held_out_questions(config, runtime):
+    """The first eval_questions questions of the world's eval.json and their images, or None when not asked."""
+    if not config.eval_questions:
+        return None
+    if config.stage != 2 or config.data_path or runtime.distributed:
+        raise Stop(f"--eval_questions {config.eval_questions}: the held-out accuracy is measured in stage 2 on the "
+                   "shapes world (no --data_path), in one process")
+    directory = os.path.dirname(world_files(2)[0])
+    try:
+        items = sample.eval_items(directory, config.eval_questions)
+        images = [sample.load_image(os.path.join(directory, item["image"])) for item in items]
+    except (sample.SampleError, sample.ImageError) as error:
+        raise Stop(f"--eval_questions: {error}") from None
+    return items, images
+
+
+@torch.no_grad()
+def question_accuracy(model, tokenizer, questions, config):
+    """Greedy answers to the held-out questions, image first (as sample.py --eval asks them): exact-match share."""
+    items, images = questions
+    model.eval()
+    accuracy = sample.evaluate(model, tokenizer, items, images, config.image_aspect, config.batch_size,
+                               sample.max_new_tokens, out=io.StringIO(), progress=False)
+    model.train()
+    return accuracy
+
+
 def unwrap(model):
     """The TinyLLaVA inside torch.compile, DDP and FSDP wrappers."""
     for attribute in ("_orig_mod", "module", "_fsdp_wrapped_module"):
@@ -864,6 +896,7 @@ def train(config, runtime, resumed=None, init=None):
         val_dataset = LLaVADataset(val_data_path, **data_settings) if val_data_path else None
     except (OSError, ValueError) as error:
         raise Stop(str(error)) from None
+    questions = held_out_questions(config, runtime)  # None unless --eval_questions
 
     # model: the bases (or the base a LoRA run sits on), W fresh or from --init, or everything trained so far from
     # --resume
@@ -944,6 +977,10 @@ def train(config, runtime, resumed=None, init=None):
                 f.write(json.dumps(record) + "\n")
 
     def run_eval():
+        if questions is not None:
+            accuracy = question_accuracy(raw, tokenizer, questions, config)
+            print(f"step {step}/{total_steps} | held-out accuracy {accuracy:.4f} ({len(questions[0])} questions)")
+            log(dict(kind="eval", step=step, accuracy=accuracy))
         if not val_batches:
             return None
         loss = evaluate(model, loader(val_dataset, val_batches, collator, config, runtime), runtime)
@@ -958,6 +995,8 @@ def train(config, runtime, resumed=None, init=None):
                         samples=len(dataset), steps_per_epoch=steps_per_epoch, world_size=runtime.world_size)
         return step
 
+    if questions is not None and step == 0:
+        run_eval()  # where stage 2 starts from: after stage 1 alone, zero-shot
     peak = peak_flops(config, runtime)
     stop_step = min(total_steps, config.stop_at_step or total_steps)
     started, first_step = time.time(), step

@@ -13,8 +13,10 @@ import sys
 import pytest
 import torch
 import transformers
+from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+import sample
 import tinyllava
 import train
 import world
@@ -430,6 +432,29 @@ def test_init_takes_a_checkpoint_directory_and_says_what_it_took(tiny, tmp_path,
     monkeypatch.chdir(tmp_path / "again")
     _, _, init = train.make_config(flags(tiny, tmp_path / "elsewhere", init="stage1"))
     assert init["train_config"]["stage"] == 1
+
+
+def test_eval_questions_logs_the_held_out_accuracy_at_step_0_and_each_eval_for_sample_plot(tiny, tmp_path,
+                                                                                              monkeypatch):
+    monkeypatch.setattr(train, "world_files", lambda stage: (str(tiny["world"] / f"small_stage{stage}.json"),
+                                                             str(tiny["world"] / f"small_val_stage{stage}.json")))
+    asked = []
+
+    def judge(prediction, answer):  # "right" when the expected answer names a color: a share known beforehand
+        asked.append(answer)
+        return any(color in answer for color in world.COLORS)
+    monkeypatch.setattr(sample, "exact_match", judge)
+    train.main(flags(tiny, tmp_path, max_steps=2, eval_interval=1, data_path="", val_data_path="",
+                     eval_questions=5))
+    items = sample.eval_items(str(tiny["world"]), 5)
+    expected = sum(any(color in item["answer"] for color in world.COLORS) for item in items) / 5
+    assert len(items) == 5 and 0 < expected < 1 and asked[:5] == [item["answer"] for item in items]
+    assert [(r["step"], r["accuracy"]) for r in train_log(tmp_path, "eval") if "accuracy" in r] == \
+        [(0, expected), (1, expected), (2, expected)]
+    sample.main(["--plot", str(tmp_path / "log.jsonl"), "--png", str(tmp_path / "curve.png")])
+    assert Image.open(tmp_path / "curve.png").size == (720, 440)
+    with pytest.raises(SystemExit, match="--eval_questions 5: the held-out accuracy is measured in stage 2"):
+        train.main(flags(tiny, tmp_path / "s1", stage=1, max_steps=1, eval_questions=5))
 
 
 def test_a_base_without_tokenizer_json_is_one_line_naming_the_flag(tiny, tmp_path):
