@@ -349,8 +349,8 @@ def check_config(config):
     for key in ("epochs", "global_batch_size", "batch_size", "max_length", "log_interval"):
         if getattr(config, key) < 1:
             raise Stop(f"--{key} must be at least 1, got {getattr(config, key)}")
-    for key in ("max_steps", "eval_interval", "eval_samples", "checkpoint_interval", "stop_at_step", "num_workers",
-                "threads", "grad_clip", "weight_decay", "min_lr"):
+    for key in ("max_steps", "eval_interval", "eval_samples", "eval_questions", "checkpoint_interval", "stop_at_step",
+                "num_workers", "threads", "grad_clip", "weight_decay", "min_lr"):
         if getattr(config, key) < 0:
             raise Stop(f"--{key} must be at least 0, got {getattr(config, key)}")
     if not 0 < config.learning_rate >= config.min_lr:

@@ -344,6 +344,7 @@ def test_stage2_refuses_a_w_aligned_on_another_llm(tiny, tmp_path):
     (["--lerning_rate", "1e-3"], "unknown flag --lerning_rate (did you mean --learning_rate?)"),
     (["--max_steps=ten"], "--max_steps expects an int, got 'ten'"),
     (["--max-steps", "ten"], "--max_steps expects an int, got 'ten'"),
+    (["--stage", "2", "--eval_questions", "-1"], "--eval_questions must be at least 0, got -1"),
     (["--compile", "maybe"], "--compile expects true/false/1/0, got 'maybe'"),
     (["--projector", "mlp3x"], "--projector must be one of linear, mlp2x_gelu; got 'mlp3x'"),
     (["--stage", "1", "--init", "x.pt"], "--init is for stage 2"),
