@@ -353,6 +353,9 @@ def check_config(config):
                 "num_workers", "threads", "grad_clip", "weight_decay", "min_lr"):
         if getattr(config, key) < 0:
             raise Stop(f"--{key} must be at least 0, got {getattr(config, key)}")
+    if config.eval_questions and (config.stage != 2 or config.data_path):  # said before any data loads
+        raise Stop(f"--eval_questions {config.eval_questions}: the held-out accuracy is measured in stage 2 on the "
+                   "shapes world (no --data_path), in one process")
     if not 0 < config.learning_rate >= config.min_lr:
         raise Stop(f"--learning_rate must be positive and at least --min_lr; got {config.learning_rate}, "
                    f"--min_lr {config.min_lr}")
@@ -641,9 +644,8 @@ def held_out_questions(config, runtime):
     """The first eval_questions questions of the world's eval.json and their images, or None when not asked."""
     if not config.eval_questions:
         return None
-    if config.stage != 2 or config.data_path or runtime.distributed:
-        raise Stop(f"--eval_questions {config.eval_questions}: the held-out accuracy is measured in stage 2 on the "
-                   "shapes world (no --data_path), in one process")
+    if runtime.distributed:
+        raise Stop(f"--eval_questions {config.eval_questions}: the held-out accuracy is measured in one process")
     directory = os.path.dirname(world_files(2)[0])
     try:
         items = sample.eval_items(directory, config.eval_questions)
