@@ -866,42 +866,33 @@ def describe_init(init, path):
 # The run
 
 
-def train(config, runtime, resumed=None, init=None):
-    out_dir, checkpoint_path = config.out_dir, os.path.join(config.out_dir, "ckpt.pt")
-    if config.global_batch_size % (config.batch_size * runtime.world_size):
-        raise Stop(f"--global_batch_size {config.global_batch_size} is not a multiple of --batch_size "
-                   f"{config.batch_size} x {runtime.world_size} process(es)")
-    grad_accum = config.global_batch_size // (config.batch_size * runtime.world_size)
-    tokenizer, images = read_bases(config)
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-
-    # data
+def load_data(config, runtime, tokenizer, images):
+    """(data path, dataset, held-out data path, held-out dataset or None): --data_path's LLaVA JSON, or with none the
+    shapes world, which one process generates while the others wait. Missing files and malformed data stop the run."""
     data_path, val_data_path = config.data_path, config.val_data_path
     if not data_path:
-        if runtime.master:  # one process generates the world, the others wait for it
+        if runtime.master:
             world_files(config.stage)
         if runtime.distributed:
             dist.barrier()
         data_path, world_val = world_files(config.stage)
         val_data_path = val_data_path or world_val
-    runtime.pad_token_id = next((tokenizer.token_to_id(t) for t in ("<pad>", "<unk>")
-                                 if tokenizer.token_to_id(t) is not None), 0)
-    data_settings = dict(image_folder=config.image_folder or os.path.dirname(os.path.abspath(data_path)),
-                         tokenizer=tokenizer, template=config.template, image_size=images["size"],
-                         aspect=config.image_aspect, mean=images["mean"], std=images["std"],
-                         image_first_prob=config.image_first_prob, seed=config.seed,
-                         max_bad_fraction=config.max_bad_fraction)
+    settings = dict(image_folder=config.image_folder or os.path.dirname(os.path.abspath(data_path)),
+                    tokenizer=tokenizer, template=config.template, image_size=images["size"],
+                    aspect=config.image_aspect, mean=images["mean"], std=images["std"],
+                    image_first_prob=config.image_first_prob, seed=config.seed,
+                    max_bad_fraction=config.max_bad_fraction)
     try:  # a missing file or malformed data is the user's to fix: one message, no traceback
-        dataset = LLaVADataset(data_path, **data_settings)
-        val_dataset = LLaVADataset(val_data_path, **data_settings) if val_data_path else None
+        dataset = LLaVADataset(data_path, **settings)
+        val_dataset = LLaVADataset(val_data_path, **settings) if val_data_path else None
     except (OSError, ValueError) as error:
         raise Stop(str(error)) from None
-    questions = held_out_questions(config, runtime)  # None unless --eval_questions
+    return data_path, dataset, val_data_path, val_dataset
 
-    # model: the bases (or the base a LoRA run sits on), W fresh or from --init, or everything trained so far from
-    # --resume
+
+def load_model(config, runtime, resumed, init, checkpoint_path):
+    """(TinyLLaVA, the base it sits on, --init's path): the bases (or the base a LoRA run sits on), W fresh or from
+    --init, or everything trained so far from --resume."""
     init_path = init_location(config.init) if init is not None else None
     if init is not None:
         check_bases(init, init_path, config)
@@ -912,37 +903,101 @@ def train(config, runtime, resumed=None, init=None):
     if config.stage == 2 and resumed is None and init is None:
         print("note: stage 2 without --init: W starts from scratch (the paper's ablation without stage 1)")
     try:  # bases that do not load, or trained weights that do not fit them
-        raw = build_model(config, runtime, trained and trained["model"], base=base, with_adapters=resumed is not None,
-                          source=checkpoint_path if resumed is not None else init_path)
+        model = build_model(config, runtime, trained and trained["model"], base=base,
+                            with_adapters=resumed is not None,
+                            source=checkpoint_path if resumed is not None else init_path)
     except (OSError, ValueError) as error:
         raise Stop(str(error)) from None
-    max_length = min(config.max_length, raw.llm.config.max_position_embeddings)
-    if max_length < config.max_length:
-        print(f"note: max_length {config.max_length} capped at the LLM's context, {max_length}")
-    collator = Collator(runtime.pad_token_id, max_length, raw.num_image_tokens)
-    trained_names = [name for name, p in raw.named_parameters() if p.requires_grad]
-    optimizer = make_optimizer(raw, config, runtime)
-    wrapped = wrap(raw, config, runtime)  # DDP, FSDP or the model itself: what checkpoints read
-    model = torch.compile(wrapped) if config.compile else wrapped  # what the steps call
+    return model, base, init_path
 
-    # steps
-    steps_per_epoch = len(epoch_plan(dataset.lengths, config, 0, grad_accum, runtime))
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
-    step, skipped_in_epoch, last_checkpoint = 0, 0, None
+
+def validation_batches(val_dataset, config, runtime):
+    """This process's share of the first eval_samples held-out samples, in as many batches on every process."""
+    if val_dataset is None:
+        return []
+    count = min(config.eval_samples or len(val_dataset), len(val_dataset))
+    mine = list(range(runtime.rank, count, runtime.world_size))
+    per_process = math.ceil(math.ceil(count / runtime.world_size) / config.batch_size)
+    return [mine[k * config.batch_size:(k + 1) * config.batch_size] for k in range(per_process)]
+
+
+@dataclass
+class Run:
+    """One run's parts and its progress: what its steps, evals and checkpoints share."""
+    config: TrainConfig
+    runtime: Runtime
+    raw: TinyLLaVA  # the model itself
+    wrapped: torch.nn.Module  # DDP, FSDP or the model itself: what checkpoints read
+    model: torch.nn.Module  # wrapped, compiled with --compile: what the steps call
+    optimizer: torch.optim.Optimizer
+    tokenizer: typing.Any
+    data_path: str
+    dataset: LLaVADataset
+    val_dataset: LLaVADataset | None
+    collator: Collator
+    questions: tuple | None  # --eval_questions: held-out eval.json items and their images
+    steps_per_epoch: int
+    total_steps: int
+    step: int = 0  # optimizer steps taken
+    skipped_in_epoch: int = 0  # samples of this epoch skipped by the collator (malformed or cut by max_length)
+    last_checkpoint: int | None = None  # the step of the last checkpoint written
+    trained_names: list = field(default_factory=list)
+    val_batches: list = field(default_factory=list)
+
+    @property
+    def checkpoint_path(self):
+        return os.path.join(self.config.out_dir, "ckpt.pt")
+
+    def log(self, record):
+        if self.runtime.master:
+            with open(os.path.join(self.config.out_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate_held_out(self):
+        """--eval_questions' accuracy, then the held-out loss, printed and logged; returns the loss (None: no data)."""
+        if self.questions is not None:
+            accuracy = question_accuracy(self.raw, self.tokenizer, self.questions, self.config)
+            print(f"step {self.step}/{self.total_steps} | held-out accuracy {accuracy:.4f} "
+                  f"({len(self.questions[0])} questions)")
+            self.log(dict(kind="eval", step=self.step, accuracy=accuracy))
+        if not self.val_batches:
+            return None
+        loss = evaluate(self.model, loader(self.val_dataset, self.val_batches, self.collator, self.config,
+                                           self.runtime), self.runtime)
+        print(f"step {self.step}/{self.total_steps} | held-out loss {loss:.4f}")
+        self.log(dict(kind="eval", step=self.step, val_loss=loss))
+        return loss
+
+    def checkpoint(self):
+        epoch, position = divmod(self.step, self.steps_per_epoch)
+        save_checkpoint(self.checkpoint_path, self.wrapped, self.optimizer, self.runtime, self.trained_names,
+                        train_config=asdict(self.config), step=self.step, epoch=epoch, step_in_epoch=position,
+                        skipped_in_epoch=self.skipped_in_epoch, samples=len(self.dataset),
+                        steps_per_epoch=self.steps_per_epoch, world_size=self.runtime.world_size)
+        self.last_checkpoint = self.step
+
+
+def resume_or_start(run, resumed):
+    """Take up where --resume's checkpoint stopped (optimizer, RNG states, step), or start a new log."""
     if resumed is not None:
-        if (resumed["samples"], resumed["steps_per_epoch"]) != (len(dataset), steps_per_epoch):
-            raise Stop(f"--resume: {data_path} now gives {len(dataset)} samples in {steps_per_epoch} steps per "
-                       f"epoch; {checkpoint_path} was made on {resumed['samples']} in {resumed['steps_per_epoch']}")
-        load_optimizer(wrapped, optimizer, resumed["optimizer"])
+        if (resumed["samples"], resumed["steps_per_epoch"]) != (len(run.dataset), run.steps_per_epoch):
+            raise Stop(f"--resume: {run.data_path} now gives {len(run.dataset)} samples in {run.steps_per_epoch} "
+                       f"steps per epoch; {run.checkpoint_path} was made on {resumed['samples']} in "
+                       f"{resumed['steps_per_epoch']}")
+        load_optimizer(run.wrapped, run.optimizer, resumed["optimizer"])
         set_rng_states(resumed["rng"])
-        step = last_checkpoint = resumed["step"]
-        skipped_in_epoch = resumed["skipped_in_epoch"]
-    elif runtime.master:
-        if os.path.exists(checkpoint_path):  # make_config let it through: --overwrite true
-            print(f"note: --overwrite: this run's first checkpoint replaces {checkpoint_path}")
-        os.makedirs(out_dir, exist_ok=True)
-        open(os.path.join(out_dir, "log.jsonl"), "w").close()
+        run.step = run.last_checkpoint = resumed["step"]
+        run.skipped_in_epoch = resumed["skipped_in_epoch"]
+    elif run.runtime.master:
+        if os.path.exists(run.checkpoint_path):  # make_config let it through: --overwrite true
+            print(f"note: --overwrite: this run's first checkpoint replaces {run.checkpoint_path}")
+        os.makedirs(run.config.out_dir, exist_ok=True)
+        open(os.path.join(run.config.out_dir, "log.jsonl"), "w").close()
 
+
+def describe(run, base, init, init_path, val_data_path, grad_accum, resumed):
+    """The start-up lines: where it runs, what it trains, on what data, for how many steps."""
+    config, runtime, raw = run.config, run.runtime, run.raw
     trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     print(f"stage {config.stage} | {runtime.device}, {runtime.autocast_dtype or torch.float32}"
           f"{' autocast' if runtime.autocast_dtype else ''} | {runtime.world_size} process(es)"
@@ -956,115 +1011,136 @@ def train(config, runtime, resumed=None, init=None):
           + f" | {trainable:,} trainable parameters ({what})")
     if init is not None:
         print(describe_init(init, init_path))
-    print(f"data: {data_path}, {len(dataset):,} samples, template {config.template}, image {config.image_aspect} | "
-          + (f"held out: {val_data_path}, {len(val_dataset):,} samples" if val_dataset else "no held-out data"))
-    print(f"steps: {total_steps} ({steps_per_epoch} per epoch) | global batch {config.global_batch_size} = "
+    print(f"data: {run.data_path}, {len(run.dataset):,} samples, template {config.template}, image "
+          f"{config.image_aspect} | " + (f"held out: {val_data_path}, {len(run.val_dataset):,} samples"
+                                         if run.val_dataset else "no held-out data"))
+    print(f"steps: {run.total_steps} ({run.steps_per_epoch} per epoch) | global batch {config.global_batch_size} = "
           f"{config.batch_size} x {runtime.world_size} process(es) x {grad_accum} accumulated | lr "
-          f"{config.learning_rate:g}, {math.ceil(config.warmup_ratio * total_steps)} warmup steps, cosine to "
-          f"{config.min_lr:g}" + (f" | resuming after step {step}" if resumed is not None else "") + f" | {out_dir}")
-    if step >= total_steps:
-        print(f"{checkpoint_path} has finished its {total_steps} steps already")
+          f"{config.learning_rate:g}, {math.ceil(config.warmup_ratio * run.total_steps)} warmup steps, cosine to "
+          f"{config.min_lr:g}" + (f" | resuming after step {run.step}" if resumed else "") + f" | {config.out_dir}")
+
+
+def train(config, runtime, resumed=None, init=None):
+    """The recipe: bases, data, model and optimizer, then the steps; returns the trained TinyLLaVA."""
+    if config.global_batch_size % (config.batch_size * runtime.world_size):
+        raise Stop(f"--global_batch_size {config.global_batch_size} is not a multiple of --batch_size "
+                   f"{config.batch_size} x {runtime.world_size} process(es)")
+    grad_accum = config.global_batch_size // (config.batch_size * runtime.world_size)
+    tokenizer, images = read_bases(config)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    runtime.pad_token_id = next((tokenizer.token_to_id(t) for t in ("<pad>", "<unk>")
+                                 if tokenizer.token_to_id(t) is not None), 0)
+    data_path, dataset, val_data_path, val_dataset = load_data(config, runtime, tokenizer, images)
+    questions = held_out_questions(config, runtime)  # None unless --eval_questions
+    checkpoint_path = os.path.join(config.out_dir, "ckpt.pt")
+    raw, base, init_path = load_model(config, runtime, resumed, init, checkpoint_path)
+    max_length = min(config.max_length, raw.llm.config.max_position_embeddings)
+    if max_length < config.max_length:
+        print(f"note: max_length {config.max_length} capped at the LLM's context, {max_length}")
+    trained_names = [name for name, p in raw.named_parameters() if p.requires_grad]
+    optimizer = make_optimizer(raw, config, runtime)
+    wrapped = wrap(raw, config, runtime)
+    steps_per_epoch = len(epoch_plan(dataset.lengths, config, 0, grad_accum, runtime))
+    run = Run(config=config, runtime=runtime, raw=raw, wrapped=wrapped, optimizer=optimizer, tokenizer=tokenizer,
+              model=torch.compile(wrapped) if config.compile else wrapped,  # what the steps call
+              data_path=data_path, dataset=dataset, val_dataset=val_dataset, questions=questions,
+              collator=Collator(runtime.pad_token_id, max_length, raw.num_image_tokens),
+              steps_per_epoch=steps_per_epoch, total_steps=config.max_steps or config.epochs * steps_per_epoch,
+              trained_names=trained_names, val_batches=validation_batches(val_dataset, config, runtime))
+    resume_or_start(run, resumed)
+    describe(run, base, init, init_path, val_data_path, grad_accum, resumed is not None)
+    if run.step >= run.total_steps:
+        print(f"{checkpoint_path} has finished its {run.total_steps} steps already")
         return raw
 
-    val_batches = []  # this process's share of the first eval_samples held-out samples, as many batches everywhere
-    if val_dataset is not None:
-        count = min(config.eval_samples or len(val_dataset), len(val_dataset))
-        mine = list(range(runtime.rank, count, runtime.world_size))
-        per_process = math.ceil(math.ceil(count / runtime.world_size) / config.batch_size)
-        val_batches = [mine[k * config.batch_size:(k + 1) * config.batch_size] for k in range(per_process)]
+    if questions is not None and run.step == 0:
+        run.evaluate_held_out()  # where stage 2 starts from: after stage 1 alone, zero-shot
+    started = time.time()
+    take_steps(run, grad_accum, max_length, started)
+    run.checkpoint()
+    if run.step < run.total_steps:
+        print(f"stopped after step {run.step} of {run.total_steps} (--stop_at_step); {checkpoint_path} written; go "
+              "on with --resume")
+        return raw
+    val_loss = run.evaluate_held_out()
+    print(f"done: {run.total_steps} step{'s' if run.total_steps != 1 else ''} in {clock(time.time() - started)}"
+          + (f", held-out loss {val_loss:.4f}" if val_loss is not None else "") + f" | {checkpoint_path}")
+    return raw
 
-    def log(record):
-        if runtime.master:
-            with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
 
-    def run_eval():
-        if questions is not None:
-            accuracy = question_accuracy(raw, tokenizer, questions, config)
-            print(f"step {step}/{total_steps} | held-out accuracy {accuracy:.4f} ({len(questions[0])} questions)")
-            log(dict(kind="eval", step=step, accuracy=accuracy))
-        if not val_batches:
-            return None
-        loss = evaluate(model, loader(val_dataset, val_batches, collator, config, runtime), runtime)
-        print(f"step {step}/{total_steps} | held-out loss {loss:.4f}")
-        log(dict(kind="eval", step=step, val_loss=loss))
-        return loss
-
-    def checkpoint():
-        epoch, position = divmod(step, steps_per_epoch)
-        save_checkpoint(checkpoint_path, wrapped, optimizer, runtime, trained_names, train_config=asdict(config),
-                        step=step, epoch=epoch, step_in_epoch=position, skipped_in_epoch=skipped_in_epoch,
-                        samples=len(dataset), steps_per_epoch=steps_per_epoch, world_size=runtime.world_size)
-        return step
-
-    if questions is not None and step == 0:
-        run_eval()  # where stage 2 starts from: after stage 1 alone, zero-shot
-    peak = peak_flops(config, runtime)
-    stop_step = min(total_steps, config.stop_at_step or total_steps)
-    started, first_step = time.time(), step
-    interval = dict(losses=[], tokens=0, flops=0.0, steps=0, time=started)
-    while step < stop_step:
-        epoch, position = divmod(step, steps_per_epoch)
-        skipped_in_epoch = skipped_in_epoch if position else 0
-        plan = epoch_plan(dataset.lengths, config, epoch, grad_accum, runtime)[position:]
+def take_steps(run, grad_accum, max_length, started):
+    """Optimizer steps up to --stop_at_step or the end, epoch by epoch, each on its global batch, with the progress
+    line every log_interval steps, evals every eval_interval and checkpoints every checkpoint_interval."""
+    config, dataset = run.config, run.dataset
+    stop_step = min(run.total_steps, config.stop_at_step or run.total_steps)
+    first_step, peak = run.step, peak_flops(config, run.runtime)
+    interval = dict(losses=[], tokens=0, flops=0.0, time=started)
+    while run.step < stop_step:
+        epoch, position = divmod(run.step, run.steps_per_epoch)
+        run.skipped_in_epoch = run.skipped_in_epoch if position else 0
+        plan = epoch_plan(dataset.lengths, config, epoch, grad_accum, run.runtime)[position:]
         dataset.set_epoch(epoch)  # the image placement draws are seeded by (seed, epoch, sample)
-        batches = iter(loader(dataset, [micro for step_plan in plan for micro in step_plan], collator, config,
-                              runtime))
-        for step_plan in plan[:stop_step - step]:
+        batches = iter(loader(dataset, [micro for step_plan in plan for micro in step_plan], run.collator, config,
+                              run.runtime))
+        for step_plan in plan[:stop_step - run.step]:
             micro_batches = [next(batches) for _ in step_plan]
             for message in (message for batch in micro_batches for message in batch["skipped"]):
                 print(f"skipped: {message}")
-            stats = train_step(model, optimizer, micro_batches, learning_rate(step, total_steps, config), runtime,
-                               config.grad_clip)
-            step += 1
-            skipped_in_epoch += stats["skipped"]
-            records = len(dataset) + len(dataset.skipped)
-            if skipped_in_epoch + len(dataset.skipped) > config.max_bad_fraction * records:
-                raise Stop(f"{skipped_in_epoch + len(dataset.skipped)} bad samples in epoch {epoch} of {data_path} "
-                           f"(malformed, unreadable images, or cut by max_length {max_length}), more than "
-                           f"--max_bad_fraction {config.max_bad_fraction} of its {records}; fix the data or raise it")
+            stats = train_step(run.model, run.optimizer, micro_batches,
+                               learning_rate(run.step, run.total_steps, config), run.runtime, config.grad_clip)
+            run.step += 1
+            run.skipped_in_epoch += stats["skipped"]
+            check_step(run, stats, epoch, max_length)
             if stats["loss"] is None:
-                print(f"step {step}: no supervised token in the global batch ({stats['skipped']} samples skipped); "
-                      "no update")
                 continue
-            if not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])):
-                kept = f"{checkpoint_path} (step {last_checkpoint})" if last_checkpoint else "none (none was written)"
-                raise Stop(f"step {step}: loss {stats['loss']}, gradient norm {stats['grad_norm']}: not finite. The "
-                           f"step was not applied and the run stops; the last good checkpoint is {kept}. Try a lower "
-                           "--learning_rate, or look for bad samples in this step's data")
             interval["losses"].append(stats["loss"])
             interval["tokens"] += stats["tokens"]
             interval["flops"] += stats["flops"]
-            interval["steps"] += 1
-            if step % config.log_interval == 0 or step in (first_step + 1, stop_step):
-                now = time.time()
-                seconds, elapsed = now - interval["time"], now - started
-                record = dict(kind="train", step=step, epoch=epoch, loss=sum(interval["losses"]) / interval["steps"],
-                              lr=learning_rate(step - 1, total_steps, config), grad_norm=stats["grad_norm"],
-                              tokens_per_s=interval["tokens"] / seconds, elapsed_s=elapsed)
-                line = (f"step {step}/{total_steps} | epoch {epoch} | loss {record['loss']:.4f} | lr "
-                        f"{record['lr']:.2e} | grad norm {stats['grad_norm']:.3f} | "
-                        f"{record['tokens_per_s']:,.0f} tok/s | {clock(elapsed)} elapsed, ETA "
-                        f"{clock(seconds / interval['steps'] * (total_steps - step))}")
-                if peak:  # model FLOP utilization: the FLOPs the model needs over what the GPUs could do meanwhile
-                    record["mfu"] = interval["flops"] / (seconds * peak * runtime.world_size)
-                    line += f" | MFU {100 * record['mfu']:.1f}%"
-                print(line)
-                log(record)
-                interval = dict(losses=[], tokens=0, flops=0.0, steps=0, time=time.time())
-            if config.eval_interval and step % config.eval_interval == 0 and step < total_steps:
-                run_eval()
-            if config.checkpoint_interval and step % config.checkpoint_interval == 0 and step < stop_step:
-                last_checkpoint = checkpoint()
-    checkpoint()
-    if step < total_steps:
-        print(f"stopped after step {step} of {total_steps} (--stop_at_step); {checkpoint_path} written; go on with "
-              "--resume")
-        return raw
-    val_loss = run_eval()
-    print(f"done: {total_steps} steps in {clock(time.time() - started)}"
-          + (f", held-out loss {val_loss:.4f}" if val_loss is not None else "") + f" | {checkpoint_path}")
-    return raw
+            if run.step % config.log_interval == 0 or run.step in (first_step + 1, stop_step):
+                report(run, interval, epoch, stats["grad_norm"], started, peak)
+                interval = dict(losses=[], tokens=0, flops=0.0, time=time.time())
+            if config.eval_interval and run.step % config.eval_interval == 0 and run.step < run.total_steps:
+                run.evaluate_held_out()
+            if config.checkpoint_interval and run.step % config.checkpoint_interval == 0 and run.step < stop_step:
+                run.checkpoint()
+
+
+def check_step(run, stats, epoch, max_length):
+    """Stop on too many bad samples or a loss that is not finite; say so when a step had nothing to learn from."""
+    records = len(run.dataset) + len(run.dataset.skipped)
+    bad = run.skipped_in_epoch + len(run.dataset.skipped)
+    if bad > run.config.max_bad_fraction * records:
+        raise Stop(f"{bad} bad samples in epoch {epoch} of {run.data_path} (malformed, unreadable images, or cut by "
+                   f"max_length {max_length}), more than --max_bad_fraction {run.config.max_bad_fraction} of its "
+                   f"{records}; fix the data or raise it")
+    if stats["loss"] is None:
+        print(f"step {run.step}: no supervised token in the global batch ({stats['skipped']} samples skipped); "
+              "no update")
+    elif not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])):
+        kept = (f"{run.checkpoint_path} (step {run.last_checkpoint})" if run.last_checkpoint
+                else "none (none was written)")
+        raise Stop(f"step {run.step}: loss {stats['loss']}, gradient norm {stats['grad_norm']}: not finite. The step "
+                   f"was not applied and the run stops; the last good checkpoint is {kept}. Try a lower "
+                   "--learning_rate, or look for bad samples in this step's data")
+
+
+def report(run, interval, epoch, grad_norm, started, peak):
+    """The progress line and its log.jsonl record: the mean loss since the last one, speed, time left, MFU."""
+    now = time.time()
+    seconds, elapsed, steps = now - interval["time"], now - started, len(interval["losses"])
+    record = dict(kind="train", step=run.step, epoch=epoch, loss=sum(interval["losses"]) / steps,
+                  lr=learning_rate(run.step - 1, run.total_steps, run.config), grad_norm=grad_norm,
+                  tokens_per_s=interval["tokens"] / seconds, elapsed_s=elapsed)
+    line = (f"step {run.step}/{run.total_steps} | epoch {epoch} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+            f"grad norm {grad_norm:.3f} | {record['tokens_per_s']:,.0f} tok/s | {clock(elapsed)} elapsed, ETA "
+            f"{clock(seconds / steps * (run.total_steps - run.step))}")
+    if peak:  # model FLOP utilization: the FLOPs the model needs over what the GPUs could do meanwhile
+        record["mfu"] = interval["flops"] / (seconds * peak * run.runtime.world_size)
+        line += f" | MFU {100 * record['mfu']:.1f}%"
+    print(line)
+    run.log(record)
 
 
 def clock(seconds):
