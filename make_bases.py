@@ -22,8 +22,8 @@ through exactly the loaders real checkpoints use (CLIP.from_pretrained, Llama.fr
    at another cell or with another shape as a hard negative (as NegCLIP, Yuksekgonul et al. 2023).
 3. LLaMA: a language model on the world's train conversations and captions, each encoded exactly as LLaVA training
    encodes it (data.encode_conversation, vicuna_v1, image before or after the question) minus the image placeholder.
-Weights are trained in float32 (under bf16 autocast with --dtype bfloat16) and stored in float16 (the loaders cast on load); the quality
-figures printed at the end are measured on the stored files, loaded back.
+Weights are trained in float32 (under bf16 autocast with --dtype bfloat16) and stored in float16 (the loaders cast
+on load); the quality figures printed at the end are measured on the stored files, loaded back.
 """
 import argparse
 import dataclasses
@@ -47,49 +47,53 @@ from data import (BRIEF_DESCRIPTION_QUESTIONS, CLIP_MEAN, CLIP_STD, DETAILED_DES
                   encode_conversation, load_image, process_image, render_conversation)
 from llama import Llama, LlamaConfig
 from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from train import explained_fields, help_format
 from weights import atomic_write, write_json
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<|endoftext|>")  # ids 0..4, in this order
 UNK, BOS, EOS, PAD, END_OF_TEXT = range(5)
 
 
+# Every field is a flag, explained by its comment (`python make_bases.py --help` prints them, as train.py's help does:
+# a comment line level with the fields starts a group, deeper comment lines go on explaining the field above).
 @dataclass
 class Settings:
-    """The defaults; each is also a command-line flag (--clip_steps 20)."""
-    out: str = "bases"
-    world_root: str = world.DEFAULT_ROOT
+    # run: where the bases go, from which world, on what
+    out: str = "bases"  # the directory that receives clip/ and llama/ (each replaced whole, only once it is finished)
+    world_root: str = world.DEFAULT_ROOT  # where the shapes world is generated (once) and read
     world_seed: int = 0  # the default world train.py uses: the bases never see its held-out split
-    n_train: int = world.N_TRAIN_IMAGES
-    n_heldout: int = world.N_HELDOUT_IMAGES
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"  # or bfloat16 (autocast): faster on CPUs with AVX512-bf16 or AMX, ~30x slower with AVX2 only
-    threads: int = 2
-    save_dtype: str = "float16"
-    # CLIP
+    n_train: int = world.N_TRAIN_IMAGES  # the world's training images
+    n_heldout: int = world.N_HELDOUT_IMAGES  # the world's held-out images (scored, never trained on)
+    seed: int = 0  # the seed of the initializations and the batches: the same seed gives the same files
+    device: str = "cpu"  # cpu or cuda
+    dtype: str = "float32"  # float32, or bfloat16 (autocast): faster on CPUs with AVX512-bf16 or AMX, ~30x slower
+                            # with AVX2 only
+    threads: int = 2  # CPU threads torch uses
+    save_dtype: str = "float16"  # the dtype the weights are stored in (the loaders cast on load)
+    # CLIP: the vision tower g, and the text tower it is trained against
     patch_size: int = world.IMAGE_SIZE // world.GRID  # one patch per grid cell
-    vision_width: int = 192
-    vision_layers: int = 4
-    vision_heads: int = 6
-    text_width: int = 96
-    text_layers: int = 2
-    text_heads: int = 3
-    text_context: int = 64
-    projection_dim: int = 128
+    vision_width: int = 192  # the ViT's hidden size
+    vision_layers: int = 4  # the ViT's blocks
+    vision_heads: int = 6  # the ViT's attention heads
+    text_width: int = 96  # the text tower's hidden size
+    text_layers: int = 2  # the text tower's blocks
+    text_heads: int = 3  # the text tower's attention heads
+    text_context: int = 64  # the text tower's longest input, in tokens
+    projection_dim: int = 128  # the shared image-text embedding's size
     position_std: float = 1.0  # init of the vision position embedding; at 0.02 positions were never learned
-    clip_steps: int = 600
-    clip_batch: int = 128
-    clip_lr: float = 1e-3
-    # LLaMA
-    llm_width: int = 256
-    llm_layers: int = 4
-    llm_heads: int = 4
-    llm_kv_heads: int = 2
-    llm_intermediate: int = 512
-    llm_context: int = 512
-    llm_steps: int = 800
-    llm_batch: int = 32
-    llm_lr: float = 2e-3
+    clip_steps: int = 600  # contrastive training steps
+    clip_batch: int = 128  # image-text pairs per step
+    clip_lr: float = 1e-3  # peak learning rate (linear warmup, cosine decay)
+    # LLaMA: the language model
+    llm_width: int = 256  # hidden size
+    llm_layers: int = 4  # decoder blocks
+    llm_heads: int = 4  # attention heads
+    llm_kv_heads: int = 2  # key-value heads (grouped-query attention when fewer than the heads)
+    llm_intermediate: int = 512  # the MLP's hidden size
+    llm_context: int = 512  # the longest sequence, in tokens
+    llm_steps: int = 800  # training steps
+    llm_batch: int = 32  # sequences per step
+    llm_lr: float = 2e-3  # peak learning rate (linear warmup, cosine decay)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The world as data
@@ -419,9 +423,15 @@ def replace_directory(build, final):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    for field in dataclasses.fields(Settings):
-        parser.add_argument(f"--{field.name}", type=field.type, default=field.default)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog=__doc__.strip(),
+                                     formatter_class=help_format)
+    types = {field.name: field.type for field in dataclasses.fields(Settings)}
+    for group_name, note, explained in explained_fields(Settings):
+        group = parser.add_argument_group(group_name, note or None)
+        for name, explanation in explained:
+            group.add_argument(f"--{name}", type=types[name], default=getattr(Settings, name),
+                               metavar=types[name].__name__.upper(),
+                               help=f"{explanation} (default: {getattr(Settings, name)})".replace("%", "%%"))
     settings = Settings(**vars(parser.parse_args(argv)))
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)

@@ -374,10 +374,10 @@ def check_config(config):
         raise Stop(f"--lora_targets {config.lora_targets!r}: {error}") from None
 
 
-def explained_fields():
-    """[(group, note, [(field, explanation)])] in TrainConfig's order, read from its source: the one place where the
-    flags are explained (the rules are in the comment above the class)."""
-    lines = inspect.getsource(TrainConfig).splitlines()
+def explained_fields(config_class=TrainConfig):
+    """[(group, note, [(field, explanation)])] in the dataclass's order, read from its source: the one place where the
+    flags are explained (the rules are in the comment above TrainConfig; make_bases.Settings follows them too)."""
+    lines = inspect.getsource(config_class).splitlines()
     groups = []
     for line in lines[next(k for k, line in enumerate(lines) if line.startswith("class ")) + 1:]:
         code, _, comment = line.partition("#")

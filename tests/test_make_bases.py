@@ -1,5 +1,6 @@
 """Tests for make_bases.py and the bases it shipped: both loaders (ours and transformers') read them and agree, the
 tokenizer fits the world and data.py, the bases know the world, and a tiny run of the whole script works."""
+import dataclasses
 import json
 import random
 import re
@@ -205,3 +206,14 @@ def test_tiny_run_writes_bases_both_loaders_read_deterministically_from_the_seed
     transformers.CLIPModel.from_pretrained(str(tmp_path / "a" / "clip"))
     transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "a" / "llama"))
     assert json.loads((tmp_path / "a" / "clip" / "config.json").read_text())["text_config"]["eos_token_id"] == 4
+
+
+def test_help_explains_every_flag_from_the_comments_in_settings(capsys):
+    explained = {name: text for _, _, items in make_bases.explained_fields(make_bases.Settings) for name, text in items}
+    assert list(explained) == [f.name for f in dataclasses.fields(make_bases.Settings)]  # each field, in order, once
+    assert all(text.strip() for text in explained.values()), explained
+    with pytest.raises(SystemExit):
+        make_bases.main(["--help"])
+    printed = " ".join(capsys.readouterr().out.split())
+    for name, text in explained.items():
+        assert f"--{name}" in printed and " ".join(text.split()) in printed, name
