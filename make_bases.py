@@ -423,8 +423,7 @@ def replace_directory(build, final):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog=__doc__.strip(),
-                                     formatter_class=help_format)
+    parser = argparse.ArgumentParser(epilog=__doc__.strip(), formatter_class=help_format)  # the flags, then the docstring
     types = {field.name: field.type for field in dataclasses.fields(Settings)}
     for group_name, note, explained in explained_fields(Settings):
         group = parser.add_argument_group(group_name, note or None)
