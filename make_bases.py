@@ -432,6 +432,12 @@ def main(argv=None):
                                metavar=types[name].__name__.upper(),
                                help=f"{explanation} (default: {getattr(Settings, name)})".replace("%", "%%"))
     settings = Settings(**vars(parser.parse_args(argv)))
+    for name in ("threads", "llm_batch", "clip_batch"):
+        if getattr(settings, name) < 1:
+            parser.error(f"--{name} {getattr(settings, name)}: it must be at least 1")
+    for name in ("clip_steps", "llm_steps"):
+        if getattr(settings, name) < 0:
+            parser.error(f"--{name} {getattr(settings, name)}: it must not be negative")
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     started = time.time()

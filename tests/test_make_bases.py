@@ -208,6 +208,16 @@ def test_tiny_run_writes_bases_both_loaders_read_deterministically_from_the_seed
     assert json.loads((tmp_path / "a" / "clip" / "config.json").read_text())["text_config"]["eos_token_id"] == 4
 
 
+@pytest.mark.parametrize("flag, value, says", [("--threads", "0", "at least 1"), ("--llm_steps", "-3", "negative")])
+def test_a_count_out_of_range_is_refused_naming_the_flag_before_anything_is_written(tmp_path, capsys, flag, value,
+                                                                                      says):
+    with pytest.raises(SystemExit):
+        make_bases.main(TINY + [flag, value, "--out", str(tmp_path / "bases"), "--world_root", str(tmp_path / "world")])
+    error = capsys.readouterr().err
+    assert f"{flag} {value}" in error and says in error
+    assert not (tmp_path / "bases").exists() and not (tmp_path / "world").exists()
+
+
 def test_help_explains_every_flag_from_the_comments_in_settings(capsys):
     explained = {name: text for _, _, items in make_bases.explained_fields(make_bases.Settings) for name, text in items}
     assert list(explained) == [f.name for f in dataclasses.fields(make_bases.Settings)]  # each field, in order, once
