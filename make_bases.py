@@ -438,6 +438,10 @@ def main(argv=None):
     for name in ("clip_steps", "llm_steps"):
         if getattr(settings, name) < 0:
             parser.error(f"--{name} {getattr(settings, name)}: it must not be negative")
+    if settings.device not in ("cpu", "cuda"):
+        parser.error(f"--device {settings.device}: it is cpu or cuda")
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device on this machine")
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     started = time.time()
