@@ -69,7 +69,7 @@ class Settings:
     dtype: str = "float32"  # float32, or bfloat16 (autocast): faster on CPUs with AVX512-bf16 or AMX, ~30x slower
                             # with AVX2 only
     threads: int = 2  # CPU threads torch uses
-    save_dtype: str = "float16"  # the dtype the weights are stored in (the loaders cast on load)
+    save_dtype: str = "float16"  # the dtype the weights are stored in: float16, bfloat16 or float32 (the loaders cast)
     # CLIP: the vision tower g, and the text tower it is trained against
     patch_size: int = world.IMAGE_SIZE // world.GRID  # one patch per grid cell
     vision_width: int = 192  # the ViT's hidden size
@@ -440,6 +440,10 @@ def main(argv=None):
             parser.error(f"--{name} {getattr(settings, name)}: it must not be negative")
     if settings.device not in ("cpu", "cuda"):
         parser.error(f"--device {settings.device}: it is cpu or cuda")
+    if settings.dtype not in ("float32", "bfloat16"):
+        parser.error(f"--dtype {settings.dtype}: it is float32 or bfloat16")
+    if settings.save_dtype not in ("float16", "bfloat16", "float32"):
+        parser.error(f"--save_dtype {settings.save_dtype}: it is float16, bfloat16 or float32")
     if settings.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device on this machine")
     torch.set_num_threads(settings.threads)
