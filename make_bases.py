@@ -446,6 +446,10 @@ def main(argv=None):
         parser.error(f"--save_dtype {settings.save_dtype}: it is float16, bfloat16 or float32")
     if settings.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device on this machine")
+    try:  # now, not after the CLIP's training
+        os.makedirs(settings.out, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out {settings.out}: cannot make it a directory ({error.strerror})")
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     started = time.time()

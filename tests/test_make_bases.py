@@ -220,6 +220,14 @@ def test_a_count_out_of_range_is_refused_naming_the_flag_before_anything_is_writ
     assert not (tmp_path / "bases").exists() and not (tmp_path / "world").exists()
 
 
+def test_an_out_that_cannot_be_a_directory_is_refused_before_any_training(tmp_path, capsys):
+    (tmp_path / "afile").write_text("kept")
+    with pytest.raises(SystemExit):
+        make_bases.main(TINY + ["--out", str(tmp_path / "afile"), "--world_root", str(tmp_path / "world")])
+    assert "--out " + str(tmp_path / "afile") in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "kept" and not (tmp_path / "world").exists()
+
+
 def test_help_explains_every_flag_from_the_comments_in_settings(capsys):
     explained = {name: text for _, _, items in make_bases.explained_fields(make_bases.Settings) for name, text in items}
     assert list(explained) == [f.name for f in dataclasses.fields(make_bases.Settings)]  # each field, in order, once
