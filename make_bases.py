@@ -384,8 +384,10 @@ def fact_ids(tokenizer):
 
 
 def cell_ids(scene, tokenizer):
-    """The scene's cells in reading order (the image tokens' order), each as the ids of its attribute tokens."""
-    return [[tokenizer.token_to_id(f"<|{name}|>") for name in cell] for cell in world.cell_attributes(scene)]
+    """The scene's cells in reading order (the image tokens' order), each as the ids of its attribute tokens,
+    right-padded with PAD to 5 (cell name, background, size, color, shape): (GRID^2, 5) lists."""
+    return [[tokenizer.token_to_id(f"<|{name}|>") for name in cell] + [PAD] * (5 - len(cell))
+            for cell in world.cell_attributes(scene)]
 
 
 def scene_embeddings(model, ids, cells):
@@ -441,7 +443,7 @@ def reading_batch(settings, tokenizer, mix, only_facts, fewest, facts, held_out,
     labels = torch.tensor([pad(labels, IGNORE_INDEX) for _, labels, *_ in rows])
     weights = torch.tensor([pad(fact, False) for _, _, fact, _ in rows]).float() if only_facts \
         else (labels != IGNORE_INDEX).float()
-    cells = torch.tensor([[cell + [PAD] * (5 - len(cell)) for cell in row[3]] for row in rows])
+    cells = torch.tensor([row[3] for row in rows])
     return [tensor.to(settings.device) for tensor in (ids, labels, weights, cells)]
 
 
@@ -504,8 +506,7 @@ def reading_accuracy(model, tokenizer, directory, settings, batch=64):
         prompts = [reading_prompt(item["question"], tokenizer) for item in chunk]
         longest = max(map(len, prompts))
         ids = torch.tensor([[PAD] * (longest - len(p)) + p for p in prompts], device=settings.device)  # left-padded
-        cells = torch.tensor([[cell + [PAD] * (5 - len(cell)) for cell in cell_ids(scenes[item["image"]], tokenizer)]
-                              for item in chunk], device=settings.device)
+        cells = torch.tensor([cell_ids(scenes[item["image"]], tokenizer) for item in chunk], device=settings.device)
         answers = torch.stack(list(model.generate_stream(
             inputs_embeds=scene_embeddings(model, ids, cells), attention_mask=ids != PAD, max_new_tokens=64,
             stop_token_ids=[EOS])), dim=1).tolist()  # (B, new tokens)

@@ -216,9 +216,8 @@ def test_each_cell_is_spliced_in_as_the_mean_of_its_attribute_embeddings_where_t
     model = Llama(config)
     ids, _, _ = make_bases.reading_example("color", scene, tokenizer, set(), random.Random(0), image_first=False)
     assert ids.count(IMAGE_TOKEN_INDEX) == 9
-    cells = make_bases.cell_ids(scene, tokenizer)
-    padded = torch.tensor([[cell + [make_bases.PAD] * (5 - len(cell)) for cell in cells]])
-    embeds = make_bases.scene_embeddings(model, torch.tensor([ids]), padded)[0]
+    cells = torch.tensor([make_bases.cell_ids(scene, tokenizer)])  # (1, 9, 5)
+    embeds = make_bases.scene_embeddings(model, torch.tensor([ids]), cells)[0]
     table = model.embed_tokens.weight
     token = lambda name: table[tokenizer.token_to_id(f"<|{name}|>")]
     first = ids.index(IMAGE_TOKEN_INDEX)  # the question comes first: the text before, the 9 cells, nothing after
