@@ -3,7 +3,7 @@ Regenerate the tiny pretrained bases shipped in bases/: a byte-level BPE tokeniz
 tiny LLaMA, trained from scratch on the shapes world (world.py) and written in Hugging Face's layout, so that they load
 through exactly the loaders real checkpoints use (CLIP.from_pretrained, Llama.from_pretrained, and transformers').
 
-    python make_bases.py                                       # all of bases/: about 1.5 hours on 2 CPU cores
+    python make_bases.py                                       # all of bases/: about 2 hours on 2 CPU cores (untimed)
     python make_bases.py --out /tmp/bases --clip_steps 20 --color_steps 5 --position_steps 5 --facts_steps 5 \
         --llm_steps 20                                         # a quick smoke run
     python -m pytest -q tests/test_make_bases.py
@@ -24,8 +24,9 @@ through exactly the loaders real checkpoints use (CLIP.from_pretrained, Llama.fr
 3. LLaMA: from scratch, it learns to read scenes written in words. Where the image goes there is one position per
    grid cell (9, as CLIP's image tokens), each the mean of its attribute tokens' embeddings (<|top left|> <|white|>
    <|large|> <|red|> <|circle|>, tokens added to the BPE after its training), and it learns to answer every question
-   type and to write captions and descriptions from fresh train scenes, one question per sequence, in stage 2's
-   template (stage 1's for captions). Four phases: the color lookup alone first, on the color word (on whole answers
+   type and to write captions and descriptions from fresh train scenes, in stage 2's multi-turn template (distinct
+   questions about one scene, as many as fit in 192 tokens: the system prompt is paid once for ~5 answers) and
+   stage 1's for captions. Four phases: the color lookup alone first, on the color word (on whole answers
    of every type it did not form in 4,000 steps), with position, every type on the fact words, every type on whole
    answers. This is LLaVA's premise made literal: the LLM can already read what W must learn to write (stage 1).
    The held-out exact match it prints, in this text form, on sample.py --eval's questions, is the ceiling of stages
@@ -94,19 +95,21 @@ class Settings:
     clip_batch: int = 128  # image-text pairs per step
     clip_lr: float = 1e-3  # peak learning rate (linear warmup, cosine decay)
     # LLaMA: the language model, trained from scratch to read scenes written in words (docstring, part 3), on fresh
-    # train scenes, one question per sequence, in four phases under one warmup and cosine decay
+    # train scenes, several questions per sequence, in four phases under one warmup and cosine decay
     llm_width: int = 256  # hidden size
     llm_layers: int = 4  # decoder blocks
     llm_heads: int = 4  # attention heads
     llm_kv_heads: int = 2  # key-value heads (grouped-query attention when fewer than the heads)
     llm_intermediate: int = 512  # the MLP's hidden size
     llm_context: int = 512  # the longest sequence, in tokens
-    color_steps: int = 400  # phase 1: color questions about scenes of 2 or 3 objects, loss on the color word alone
-    position_steps: int = 400  # phase 2: color and position questions, 2 or 3 objects, loss on every answer token
-    facts_steps: int = 1200  # phase 3: every question type, captions, descriptions (color and position 3x), loss on
+    color_steps: int = 600  # phase 1: color questions about scenes of 2 or 3 objects, loss on the color word alone
+    position_steps: int = 600  # phase 2: color and position questions, 2 or 3 objects, loss on every answer token
+    facts_steps: int = 1800  # phase 3: every question type, captions, descriptions (color and position 3x), loss on
                              # the fact words alone
-    llm_steps: int = 2000  # phase 4: every question type, captions, descriptions, loss on every answer token
-    llm_batch: int = 64  # sequences per step
+    llm_steps: int = 3000  # phase 4: every question type, captions, descriptions, loss on every answer token
+    llm_batch: int = 32  # sequences per step
+    llm_tokens: int = 192  # each sequence holds question-answer turns about one scene, as many as fit in this many
+                           # tokens (1: a single question)
     llm_lr: float = 1e-3  # peak learning rate
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -400,41 +403,85 @@ def scene_embeddings(model, ids, cells):
     return embeds.masked_scatter((ids == IMAGE_TOKEN_INDEX).unsqueeze(-1), vectors.to(embeds.dtype))
 
 
-def reading_example(kind, scene, tokenizer, facts, rng, image_first=None):
-    """(input_ids with GRID^2 IMAGE_TOKEN_INDEX where the scene goes, labels, fact mask) of a question of this kind
-    about the scene (a world.ask kind, or "description"), as stage 2 encodes it, or of its caption ("caption"), as
-    stage 1 does; None when the scene gives no such question."""
-    if kind == "caption":
-        conversation, template, given = [IMAGE_TAG, world.caption(scene)], "plain", set()
-    elif kind == "description":
-        conversation, template = [IMAGE_TAG + "\n" + rng.choice(DETAILED_DESCRIPTION_QUESTIONS),
-                                  world.description(scene)], "vicuna_v1"
-        given = set()
-    else:
-        qa = world.ask(kind, scene, rng)
-        if qa is None:
-            return None
-        conversation, template = [IMAGE_TAG + "\n" + qa.question, qa.answer], "vicuna_v1"
-        given = {i for text in (qa.question, " " + qa.question) for i in tokenizer.encode(text).ids}
-    turns = [{"from": "human", "value": conversation[0]}, {"from": "gpt", "value": conversation[1]}]
-    ids, labels = encode_conversation(turns, tokenizer, template, image_first, rng)
+def widened(ids, labels, fact):
+    """The conversation's one IMAGE_TOKEN_INDEX widened to GRID^2, one per cell, in ids, labels and fact mask."""
     at, cells = ids.index(IMAGE_TOKEN_INDEX), world.GRID ** 2
-    ids = ids[:at] + [IMAGE_TOKEN_INDEX] * cells + ids[at + 1:]
-    labels = labels[:at] + [IGNORE_INDEX] * cells + labels[at + 1:]
-    return ids, labels, [label in facts and label not in given for label in labels]
+    return (ids[:at] + [IMAGE_TOKEN_INDEX] * cells + ids[at + 1:],
+            labels[:at] + [IGNORE_INDEX] * cells + labels[at + 1:], fact[:at] + [False] * cells + fact[at + 1:])
+
+
+def reading_caption(scene, tokenizer, facts):
+    """(ids with GRID^2 IMAGE_TOKEN_INDEX where the scene goes, labels, fact mask) of its caption, as stage 1 encodes
+    it (plain template)."""
+    turns = [{"from": "human", "value": IMAGE_TAG}, {"from": "gpt", "value": world.caption(scene)}]
+    ids, labels = encode_conversation(turns, tokenizer, "plain")
+    return widened(ids, labels, [label in facts for label in labels])
+
+
+def reading_conversation(turns, tokenizer, facts, image_first):
+    """(ids, labels, fact mask) of question-answer turns [(question, answer)] about one scene, as stage 2 encodes
+    them (vicuna_v1, the scene with the first question, before or after it). The fact mask marks each answer's fact
+    words that its own question does not give."""
+    conversation = []
+    for i, (question, answer) in enumerate(turns):
+        conversation += [{"from": "human", "value": (IMAGE_TAG + "\n" if i == 0 else "") + question},
+                         {"from": "gpt", "value": answer}]
+    ids, labels = encode_conversation(conversation, tokenizer, "vicuna_v1", image_first)
+    given = [{i for text in (question, " " + question) for i in tokenizer.encode(text).ids} for question, _ in turns]
+    fact, answer, inside = [], -1, False
+    for label in labels:  # the answers are the runs of labels that are not IGNORE_INDEX, in order
+        answer += label != IGNORE_INDEX and not inside
+        inside = label != IGNORE_INDEX
+        fact.append(inside and label in facts and label not in given[answer])
+    return widened(ids, labels, fact)
+
+
+def scene_turn(kind, scene, rng):
+    """(question, answer) of this kind (a world.ask kind, or "description") about the scene, or None."""
+    if kind == "description":
+        return rng.choice(DETAILED_DESCRIPTION_QUESTIONS), world.description(scene)
+    qa = world.ask(kind, scene, rng)
+    return None if qa is None else (qa.question, qa.answer)
+
+
+def reading_example(mix, scene, tokenizer, facts, rng, budget, image_first=None):
+    """One training sequence about the scene, each kind drawn from mix {kind: weight}: its caption alone (stage 1's
+    template) when the first kind is "caption", else question-answer turns (stage 2's), as many as fit in `budget`
+    tokens (at least one) and never a question twice (it would be answered by copying); None when the scene gives
+    no question of the first kind. Several turns per scene spread the system prompt over several answers."""
+    kinds, weights = list(mix), list(mix.values())
+    kind = rng.choices(kinds, weights)[0]
+    if kind == "caption":
+        return reading_caption(scene, tokenizer, facts)
+    turns = [scene_turn(kind, scene, rng)]
+    if turns[0] is None:
+        return None
+    image_first = rng.random() < 0.5 if image_first is None else image_first
+    example, misses = reading_conversation(turns, tokenizer, facts, image_first), 0
+    while misses < 20:
+        kind = rng.choices(kinds, weights)[0]
+        turn = None if kind == "caption" else scene_turn(kind, scene, rng)
+        if turn is None or turn[0] in {question for question, _ in turns}:
+            misses += 1
+            continue
+        longer = reading_conversation(turns + [turn], tokenizer, facts, image_first)
+        if len(longer[0]) > budget:
+            break
+        turns, example = turns + [turn], longer
+    return example
 
 
 def reading_batch(settings, tokenizer, mix, only_facts, fewest, facts, held_out, rng):
     """A batch of fresh train scenes of at least `fewest` objects (never a held-out one: a single object needs no
-    lookup), one question each, its kind drawn from mix {kind: weight}: ids (B, T) right-padded, labels (B, T), loss
-    weights (B, T) (fact words alone, or every answer token), cells (B, GRID^2, 5)."""
+    lookup), one sequence about each (reading_example): ids (B, T) right-padded, labels (B, T), loss weights (B, T)
+    (fact words alone, or every answer token), cells (B, GRID^2, 5)."""
     rows = []
     while len(rows) < settings.llm_batch:
         scene = world.sample_scene(rng)
-        kind = rng.choices(list(mix), list(mix.values()))[0]
         image_first = True if set(mix) == {"color"} else None  # the first lookup is learned image first
         unwanted = scene.key() in held_out or len(scene.objects) < fewest
-        example = None if unwanted else reading_example(kind, scene, tokenizer, facts, rng, image_first)
+        example = None if unwanted else reading_example(mix, scene, tokenizer, facts, rng, settings.llm_tokens,
+                                                        image_first)
         if example is not None:
             rows.append((*example, cell_ids(scene, tokenizer)))
     longest = max(len(ids) for ids, *_ in rows)

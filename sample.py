@@ -160,6 +160,10 @@ def make_parser():
                         help="an HF LLaVA directory (LlavaForConditionalGeneration with tokenizer.json, e.g. "
                              "llava-1.5-7b-hf), prompted with vicuna_v1 and, unless --aspect says otherwise, images "
                              "padded to a square as LLaVA-1.5 was trained")
+    model.add_argument("--template", choices=("vicuna_v1", "plain"), default=None,
+                       help="the prompt template (default: the checkpoint's, vicuna_v1 for --hf); --template "
+                            "vicuna_v1 asks a stage-1 model questions zero-shot, through an LLM pretrained to answer "
+                            "them (as the tiny bases' LLaMA is)")
     model.add_argument("--aspect", choices=("crop", "pad"), default=None,
                        help="non-square images: centre crop or pad to a square (default: what the checkpoint was "
                             "trained with; pad for --hf)")
@@ -276,9 +280,9 @@ def checkpoint_path(args):
                       f"in {REPO_DIR}; train one (python train.py --stage 1) or pass --ckpt PATH or --hf DIR")
 
 
-def load_model(path, device, dtype, chat=False):
-    """(model, tokenizer, is_hf) from one of our checkpoints or an HF LLaVA directory, with a one-line error for
-    anything else, before any loading for a --chat with a model that only captions."""
+def load_model(path, device, dtype, chat=False, template=None):
+    """(model, tokenizer, is_hf) from one of our checkpoints or an HF LLaVA directory, prompted with `template` if
+    given, with a one-line error for anything else, before any loading for a --chat in the plain template."""
     is_hf = os.path.isfile(os.path.join(path, "config.json"))
     if not is_hf:
         file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
@@ -289,12 +293,14 @@ def load_model(path, device, dtype, chat=False):
             raise SampleError(f"{file}: unknown checkpoint format: not a tinyllava ckpt.pt (torch.save) nor an HF "
                               "LLaVA directory")
     try:
-        if chat and not is_hf and saved_template(file) == "plain":
+        if chat and (template or ("vicuna_v1" if is_hf else saved_template(file))) == "plain":
             raise SampleError(f"--chat needs an instruction-tuned model (vicuna_v1 template, a stage-2 checkpoint); "
-                              f"{file} uses 'plain' (stage 1), which only captions: drop --chat")
+                              f"{'--template plain' if template else file + ' uses plain (stage 1)'} only captions: "
+                              "drop --chat")
         print(f"loading {path} on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
         model = TinyLLaVA.from_pretrained(path, dtype=dtype, device=device).eval()
         model.merge_lora()  # a LoRA checkpoint's adapters folded in: decoding costs what the plain model's does
+        model.config.template = template or model.config.template
         tokenizer = load_tokenizer(resolve(model.config.llm_path))  # an HF LLaVA directory holds its own
     except (FileNotFoundError, ValueError, pickle.UnpicklingError) as error:
         raise SampleError(f"cannot load {path}: {error}") from None
@@ -568,7 +574,7 @@ def ask_question_file(args, device, dtype):
     if not todo:
         return
     path = checkpoint_path(args)
-    model, tokenizer, is_hf = load_model(path, device, dtype)
+    model, tokenizer, is_hf = load_model(path, device, dtype, template=args.template)
     aspect = args.aspect or ("pad" if is_hf else model.config.image_aspect)
     image_folder = args.image_folder or os.path.dirname(os.path.abspath(args.questions))
     model_id = os.path.basename(os.path.normpath(path if is_hf or os.path.isdir(path) else os.path.dirname(path)))
@@ -923,7 +929,7 @@ def run(args):
         images = [load_image(path) for path in args.image]  # ImageError names the file
     device, dtype = pick_device(args.device, args.dtype)
     path = checkpoint_path(args)
-    model, tokenizer, is_hf = load_model(path, device, dtype, chat=args.chat)
+    model, tokenizer, is_hf = load_model(path, device, dtype, chat=args.chat, template=args.template)
     aspect = args.aspect or ("pad" if is_hf else model.config.image_aspect)
     if args.eval:
         print(f"eval: {len(items)} questions from {os.path.join(world_dir, 'eval.json')}", file=sys.stderr)

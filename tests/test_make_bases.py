@@ -205,6 +205,7 @@ def scene_with_tokens():
     scene = world.Scene("light blue", (world.place("circle", "red", "large", 0, 0),
                                        world.place("square", "blue", "small", 1, 2)))
     tokenizer = make_bases.train_tokenizer(["What color is the large circle? The large circle is red.",
+                                            "Is there a red circle in the image? Yes, there is a red circle.",
                                             world.caption(scene) + "\n"])
     return scene, tokenizer
 
@@ -214,7 +215,8 @@ def test_each_cell_is_spliced_in_as_the_mean_of_its_attribute_embeddings_where_t
     config = make_bases.LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=8, intermediate_size=16,
                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4)
     model = Llama(config)
-    ids, _, _ = make_bases.reading_example("color", scene, tokenizer, set(), random.Random(0), image_first=False)
+    ids, _, _ = make_bases.reading_example({"color": 1}, scene, tokenizer, set(), random.Random(0), budget=1,
+                                          image_first=False)
     assert ids.count(IMAGE_TOKEN_INDEX) == 9
     cells = torch.tensor([make_bases.cell_ids(scene, tokenizer)])  # (1, 9, 5)
     embeds = make_bases.scene_embeddings(model, torch.tensor([ids]), cells)[0]
@@ -234,16 +236,38 @@ def test_only_the_fact_words_an_answer_adds_to_its_question_are_weighted_in_the_
     scene, tokenizer = scene_with_tokens()
     facts = make_bases.fact_ids(tokenizer)
     for seed in range(20):  # 'What color is the large circle?' (or 'the circle'): only 'red' is a new fact
-        ids, labels, fact = make_bases.reading_example("color", scene, tokenizer, facts, random.Random(seed))
+        ids, labels, fact = make_bases.reading_example({"color": 1}, scene, tokenizer, facts, random.Random(seed),
+                                                       budget=1)
         if "circle" in tokenizer.decode([i for i in ids if i >= 0]):
             break
     assert tokenizer.decode([label for label, is_fact in zip(labels, fact) if is_fact]) == " red"
     answer = tokenizer.decode([label for label in labels if label >= 0], skip_special_tokens=True)
     assert answer.strip().endswith("circle is red.")
-    ids, labels, fact = make_bases.reading_example("caption", scene, tokenizer, facts, random.Random(0))
+    ids, labels, fact = make_bases.reading_example({"caption": 1}, scene, tokenizer, facts, random.Random(0), budget=1)
     assert ids[:10] == [1] + [IMAGE_TOKEN_INDEX] * 9  # stage 1's plain template: <s>, the image, the caption
     assert tokenizer.decode([label for label, is_fact in zip(labels, fact) if is_fact]).split() == \
         ["large", "red", "circle", "top", "left", "small", "blue", "square", "right", "light", "blue"]
+
+
+def test_each_answer_of_a_conversation_weights_only_the_facts_its_own_question_does_not_give():
+    scene, tokenizer = scene_with_tokens()
+    turns = [("What color is the large circle?", "The large circle is red."),
+             ("Is there a red circle in the image?", "Yes, there is a red circle.")]
+    ids, labels, fact = make_bases.reading_conversation(turns, tokenizer, make_bases.fact_ids(tokenizer), True)
+    assert ids.count(IMAGE_TOKEN_INDEX) == 9 and ids.index(IMAGE_TOKEN_INDEX) < ids.index(tokenizer.token_to_id("What"))
+    assert tokenizer.decode([label for label, is_fact in zip(labels, fact) if is_fact]).split() == ["red", "Yes"]
+
+
+def test_a_sequence_packs_distinct_questions_about_its_scene_up_to_the_token_budget():
+    scene, tokenizer = scene_with_tokens()
+    mix = {"color": 1, "shape": 1, "count": 1, "existence": 1}
+    for budget in (1, 300, 600):
+        ids, labels, _ = make_bases.reading_example(mix, scene, tokenizer, set(), random.Random(budget), budget)
+        questions = [turn.split(" ASSISTANT:")[0] for turn in tokenizer.decode([i for i in ids if i >= 0]).split(
+            "USER: ")[1:]]
+        assert len(set(questions)) == len(questions) >= (1 if budget == 1 else 3)
+        assert len(ids) <= budget or len(questions) == 1
+        assert labels.count(2) == len(questions)  # each answer ends with its EOS
 
 
 def test_the_text_form_eval_asks_exactly_what_sample_eval_asks_with_the_scene_in_words(tmp_path, tokenizer):

@@ -220,6 +220,17 @@ def test_stage_1_checkpoint_captions_the_image_whatever_the_prompt_and_stops_at_
     assert printed.out == tiny.tokenizer.decode(generated[:-1]).strip() + "\n"
     assert "ignores --prompt" in printed.err
 
+def test_template_vicuna_v1_asks_a_stage_1_model_the_question_zero_shot_instead_of_captioning(tiny, capsys):
+    model = TinyLLaVA.from_pretrained(tiny.plain).eval()
+    model.config.template = "vicuna_v1"
+    expected = our_answer(tiny, model, QUESTION, tiny.images[0], 12)
+    args = ["--ckpt", tiny.plain, "--image", tiny.images[0], "--prompt", QUESTION, "--max_new_tokens", "12"]
+    assert sample.main(args + ["--template", "vicuna_v1"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == expected + "\n" and "ignores --prompt" not in printed.err
+    assert sample.main(args) == 0  # its own template, plain: a caption
+    assert capsys.readouterr().out != expected + "\n"
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Chat
 
@@ -299,6 +310,8 @@ def bad_inputs(tiny, tmp_path):
             "conversation is too long"),
         "--chat with a stage-1 model, refused before loading it": (
             ["--image", image, "--ckpt", tiny.plain, "--chat"], "drop --chat"),
+        "--chat in the plain template": (["--image", image, "--ckpt", tiny.ckpt, "--chat", "--template", "plain"],
+                                         "--template plain"),
         "a directory without ckpt.pt": (["--image", image, "--ckpt", str(tmp_path)], "no ckpt.pt"),
     }
 
