@@ -593,7 +593,7 @@ def main(argv=None):
                                metavar=types[name].__name__.upper(),
                                help=f"{explanation} (default: {getattr(Settings, name)})".replace("%", "%%"))
     settings = Settings(**vars(parser.parse_args(argv)))
-    for name in ("threads", "llm_batch", "clip_batch"):
+    for name in ("threads", "llm_batch", "llm_tokens", "clip_batch"):
         if getattr(settings, name) < 1:
             parser.error(f"--{name} {getattr(settings, name)}: it must be at least 1")
     for name in ("clip_steps", "color_steps", "position_steps", "facts_steps", "llm_steps"):
