@@ -22,11 +22,12 @@ through exactly the loaders real checkpoints use (CLIP.from_pretrained, Llama.fr
    against the description's sentence about it ("A large red circle is in the top left corner."), with that sentence
    at another cell or with another shape as a hard negative (as NegCLIP, Yuksekgonul et al. 2023).
 3. LLaMA: from scratch, it learns to read scenes written in words. Where the image goes there is one position per
-   grid cell (9, as CLIP's image tokens), each the mean of its attribute tokens' embeddings (<|top left|> <|white|>
-   <|large|> <|red|> <|circle|>, tokens added to the BPE after its training), and it learns to answer every question
-   type and to write captions and descriptions from fresh train scenes, in stage 2's multi-turn template (distinct
-   questions about one scene, as many as fit in 192 tokens: the system prompt is paid once for ~5 answers) and
-   stage 1's for captions. Four phases: the color lookup alone first, on the color word (on whole answers
+   grid cell (9, as CLIP's image tokens), each the mean of its words' embeddings, the very tokens the questions use
+   (" top" " left" " white" " large" " red" " circle"; "light blue" and "empty" are the tokens <|light blue|> and
+   <|empty|>, added to the BPE after its training: world.cell_words), so an image token reads back as a bag of words
+   (sample.py --read_image). It learns to answer every question type and to write captions and descriptions from
+   fresh train scenes, in stage 2's multi-turn template (distinct questions about one scene, as many as fit in 192
+   tokens: the system prompt is paid once for ~5 answers) and stage 1's for captions. Four phases: the color lookup alone first, on the color word (on whole answers
    of every type it did not form in 4,000 steps), with position, every type on the fact words, every type on whole
    answers. This is LLaVA's premise made literal: the LLM can already read what W must learn to write (stage 1).
    The held-out exact match it prints, in this text form, on sample.py --eval's questions, is the ceiling of stages
@@ -61,7 +62,8 @@ from weights import atomic_write, write_json
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<|endoftext|>")  # ids 0..4, in this order
 UNK, BOS, EOS, PAD, END_OF_TEXT = range(5)
-SCENE_TOKENS = tuple(f"<|{name}|>" for name in world.ATTRIBUTES)  # what a cell holds, added after the BPE's training
+SCENE_TOKENS = world.SCENE_TOKENS  # the scene's words that are no text token, added after the BPE's training
+CELL_WORDS = 6  # the most tokens a cell is written in: " bottom", " right", " white", " large", " red", " circle"
 
 
 # Every field is a flag, explained by its comment (`python make_bases.py --help` prints them, as train.py's help does:
@@ -370,7 +372,7 @@ def save_clip(model, tokenizer, directory, settings):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. LLaMA reads scenes written in words: where the image goes, one position per grid cell, each the mean of its
-#    attribute tokens' embeddings. LLaVA's stage 1 then only has to teach W to write each image token as its cell.
+#    words' embeddings. LLaVA's stage 1 then only has to teach W to write each image token as its cell.
 
 # the words that carry an answer's facts (a fact word its question already gives is not one)
 FACT_WORDS = world.ATTRIBUTES + world.NUMBER_WORDS + ("yes", "no", "above", "below", "bigger", "smaller", "same",
@@ -387,18 +389,20 @@ def fact_ids(tokenizer):
 
 
 def cell_ids(scene, tokenizer):
-    """The scene's cells in reading order (the image tokens' order), each as the ids of its attribute tokens,
-    right-padded with PAD to 5 (cell name, background, size, color, shape): (GRID^2, 5) lists."""
-    return [[tokenizer.token_to_id(f"<|{name}|>") for name in cell] + [PAD] * (5 - len(cell))
-            for cell in world.cell_attributes(scene)]
+    """The scene's cells in reading order (the image tokens' order), each as the ids of its words (world.cell_words:
+    cell name, background, size, color, shape, or "empty"), right-padded with PAD: (GRID^2, CELL_WORDS) lists."""
+    rows = [world.cell_word_ids(cell, tokenizer) for cell in world.cell_attributes(scene)]
+    if None in rows:
+        raise ValueError(f"this tokenizer does not write every word of {world.cell_attributes(scene)} as one token")
+    return [ids + [PAD] * (CELL_WORDS - len(ids)) for ids in rows]
 
 
 def scene_embeddings(model, ids, cells):
     """The word embeddings of ids (B, T) with each row's scene spliced in where its GRID^2 IMAGE_TOKEN_INDEX stand:
-    cells (B, GRID^2, A) attribute ids, PAD where a cell says fewer. Each cell reads as the mean of its attribute
+    cells (B, GRID^2, CELL_WORDS) word ids, PAD where a cell says fewer. Each cell reads as the mean of its words'
     embeddings: what W must learn to write."""
     embeds = model.embed_tokens(ids.clamp(min=0))  # (B, T, D)
-    said = (cells != PAD).unsqueeze(-1)  # (B, GRID^2, A, 1)
+    said = (cells != PAD).unsqueeze(-1)  # (B, GRID^2, CELL_WORDS, 1)
     vectors = (model.embed_tokens(cells) * said).sum(2) / said.sum(2)  # (B, GRID^2, D)
     return embeds.masked_scatter((ids == IMAGE_TOKEN_INDEX).unsqueeze(-1), vectors.to(embeds.dtype))
 
@@ -474,7 +478,7 @@ def reading_example(mix, scene, tokenizer, facts, rng, budget, image_first=None)
 def reading_batch(settings, tokenizer, mix, only_facts, fewest, facts, held_out, rng):
     """A batch of fresh train scenes of at least `fewest` objects (never a held-out one: a single object needs no
     lookup), one sequence about each (reading_example): ids (B, T) right-padded, labels (B, T), loss weights (B, T)
-    (fact words alone, or every answer token), cells (B, GRID^2, 5)."""
+    (fact words alone, or every answer token), cells (B, GRID^2, CELL_WORDS)."""
     rows = []
     while len(rows) < settings.llm_batch:
         scene = world.sample_scene(rng)

@@ -50,7 +50,8 @@ from data import (IMAGE_TAG, ImageError, encode_conversation, encode_prompt, ima
                   load_tokenizer, process_image, stop_token_ids)
 from llama import KVCache
 from tinyllava import REPO_DIR, TinyLLaVA, resolve
-from world import ATTRIBUTES, cell_attributes, ensure_world, exact_match, possible_cells, scene_from_json
+from world import (SCENE_TOKENS, cell_attributes, cell_word_ids, ensure_world, exact_match, possible_cells,
+                   scene_from_json)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Defaults (each has a flag below)
@@ -794,14 +795,19 @@ def plot_curves(logs, png, size=(720, 440), margin=60):
 
 def reading_vocabulary(model, tokenizer):
     """(names, vectors) the image tokens are read against. With the tiny bases' scene words in the vocabulary: every
-    cell they can write (cell, background, then 'empty' or size color shape), as the mean of its attribute
-    embeddings, exactly as the LLM was pretrained to read a cell. Otherwise every single token of the vocabulary."""
+    cell they can write (cell, background, then 'empty' or size color shape), as the mean of its words' embeddings,
+    exactly as the LLM was pretrained to read a cell. Otherwise every single token of the vocabulary."""
     table = model.llm.embed_tokens.weight.detach().float()
-    ids = {name: tokenizer.token_to_id(f"<|{name}|>") for name in ATTRIBUTES}
-    if None in ids.values():
+    if not has_scene_words(tokenizer):
         return [tokenizer.id_to_token(i) for i in range(len(table))], table
     cells = possible_cells()
-    return cells, torch.stack([table[[ids[name] for name in cell]].mean(0) for cell in cells])
+    return cells, torch.stack([table[cell_word_ids(cell, tokenizer)].mean(0) for cell in cells])
+
+
+def has_scene_words(tokenizer):
+    """Whether the tokenizer writes every cell of the shapes world in single tokens (the tiny bases' does)."""
+    return tokenizer.token_to_id(SCENE_TOKENS[0]) is not None and \
+        all(cell_word_ids(cell, tokenizer) is not None for cell in possible_cells())
 
 
 def read_image_tokens(model, tokenizer, pixel_values):
@@ -829,7 +835,7 @@ def draw_grid(readings):
 def share_read_right(model, tokenizer, world_dir, image_names, aspect, batch):
     """Of the image tokens of these world images, the share whose reading is exactly their cell (cell name,
     background, content), or None when the LLM has no scene words."""
-    if None in (tokenizer.token_to_id(f"<|{name}|>") for name in ATTRIBUTES):
+    if not has_scene_words(tokenizer):
         return None
     with open(os.path.join(world_dir, "scenes.json")) as f:
         scenes = {record["image"]: scene_from_json(record) for record in json.load(f)}

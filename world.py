@@ -162,8 +162,8 @@ def sample_scene(rng):
     return Scene(rng.choice(list(BACKGROUNDS)), objects)
 
 
-# What a grid cell can hold, named: the words of the scene "written" for the tiny LLM's pretraining (make_bases.py),
-# the vocabulary its image tokens are read back in (sample.py --read_image)
+# What a grid cell can hold, named: the scene "written" for the tiny LLM's pretraining (make_bases.py), and what its
+# image tokens are read back as (sample.py --read_image)
 ATTRIBUTES = tuple(name for row in CELL_NAMES for name in row) + tuple(BACKGROUNDS) + ("empty",) + tuple(SIZES) \
     + tuple(COLORS) + SHAPES
 
@@ -175,6 +175,28 @@ def cell_attributes(scene):
     for o in scene.objects:
         cells[o.row * GRID + o.col] = [CELL_NAMES[o.row][o.col], scene.background, o.size, o.color, o.shape]
     return cells
+
+
+# The LLM reads a cell as the mean of its words' embeddings, each word the text token the questions use (" top",
+# " left", " large", " red", " circle"), so that the question's " red" and the red cell share a vector. Two names are
+# special tokens added to the tiny LLM's vocabulary: "light blue" (its " blue" would read as the object's colour) and
+# "empty" (a word no text of the world uses).
+SCENE_TOKENS = ("<|light blue|>", "<|empty|>")
+
+
+def cell_words(cell):
+    """A cell_attributes entry as the LLM's tokens: [" top", " left", " white", " large", " red", " circle"]."""
+    words = []
+    for name in cell:
+        words += [f"<|{name}|>"] if f"<|{name}|>" in SCENE_TOKENS else [" " + word for word in name.split()]
+    return words
+
+
+def cell_word_ids(cell, tokenizer):
+    """The token ids of cell_words(cell) in a tokenizers.Tokenizer, or None unless each word is one token of it (as
+    in the tiny bases' tokenizer, and no other)."""
+    ids = [tokenizer.encode(word, add_special_tokens=False).ids for word in cell_words(cell)]
+    return [i[0] for i in ids] if all(len(i) == 1 for i in ids) else None
 
 
 def possible_cells():

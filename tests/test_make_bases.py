@@ -206,11 +206,11 @@ def scene_with_tokens():
                                        world.place("square", "blue", "small", 1, 2)))
     tokenizer = make_bases.train_tokenizer(["What color is the large circle? The large circle is red.",
                                             "Is there a red circle in the image? Yes, there is a red circle.",
-                                            world.caption(scene) + "\n"])
+                                            world.caption(scene) + "\n", "top left top right bottom left center"])
     return scene, tokenizer
 
 
-def test_each_cell_is_spliced_in_as_the_mean_of_its_attribute_embeddings_where_the_image_stands():
+def test_each_cell_is_spliced_in_as_the_mean_of_its_word_embeddings_where_the_image_stands():
     scene, tokenizer = scene_with_tokens()
     config = make_bases.LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=8, intermediate_size=16,
                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4)
@@ -218,16 +218,16 @@ def test_each_cell_is_spliced_in_as_the_mean_of_its_attribute_embeddings_where_t
     ids, _, _ = make_bases.reading_example({"color": 1}, scene, tokenizer, set(), random.Random(0), budget=1,
                                           image_first=False)
     assert ids.count(IMAGE_TOKEN_INDEX) == 9
-    cells = torch.tensor([make_bases.cell_ids(scene, tokenizer)])  # (1, 9, 5)
+    cells = torch.tensor([make_bases.cell_ids(scene, tokenizer)])  # (1, 9, 6)
     embeds = make_bases.scene_embeddings(model, torch.tensor([ids]), cells)[0]
     table = model.embed_tokens.weight
-    token = lambda name: table[tokenizer.token_to_id(f"<|{name}|>")]
+    words = lambda *words: [table[tokenizer.encode(word).ids].squeeze(0) for word in words]  # each one token
     first = ids.index(IMAGE_TOKEN_INDEX)  # the question comes first: the text before, the 9 cells, nothing after
-    torch.testing.assert_close(embeds[first], (token("top left") + token("light blue") + token("large") + token("red")
-                                               + token("circle")) / 5)
-    torch.testing.assert_close(embeds[first + 1], (token("top") + token("light blue") + token("empty")) / 3)
-    torch.testing.assert_close(embeds[first + 5], (token("right") + token("light blue") + token("small")
-                                                   + token("blue") + token("square")) / 5)
+    torch.testing.assert_close(embeds[first], sum(words(" top", " left", "<|light blue|>", " large", " red",
+                                                        " circle")) / 6)
+    torch.testing.assert_close(embeds[first + 1], sum(words(" top", "<|light blue|>", "<|empty|>")) / 3)
+    torch.testing.assert_close(embeds[first + 5], sum(words(" right", "<|light blue|>", " small", " blue",
+                                                            " square")) / 5)
     torch.testing.assert_close(embeds[:first], table[ids[:first]])
     torch.testing.assert_close(embeds[first + 9:], table[ids[first + 9:]])
 
@@ -289,7 +289,7 @@ def test_tiny_run_writes_bases_both_loaders_read_deterministically_from_the_seed
     assert re.search(r"LLaMA, held-out scenes written in words, exact match: color \d\.\d{3}, .*overall", printed)
     written = Tokenizer.from_file(str(tmp_path / "a" / "llama" / "tokenizer.json"))
     assert [written.token_to_id(token) for token in make_bases.SCENE_TOKENS] == \
-        list(range(written.get_vocab_size() - len(world.ATTRIBUTES), written.get_vocab_size()))
+        list(range(written.get_vocab_size() - len(world.SCENE_TOKENS), written.get_vocab_size()))
     for name in ("clip", "llama"):
         files = sorted(p.name for p in (tmp_path / "a" / name).iterdir())
         assert files == sorted(["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]

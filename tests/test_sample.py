@@ -602,3 +602,27 @@ def test_pope_annotation_directory_pairs_labels_with_questions_by_category_and_f
     write_lines(tmp_path / "coco" / "coco_pope_random.json", [{"question_id": 1, "label": "yes"}])
     with pytest.raises(sample.SampleError, match="1 labels for the 2 'random' questions"):
         sample.score("pope", answers, str(tmp_path / "coco"), out=io.StringIO(), questions=questions)
+
+
+def test_image_tokens_are_read_against_every_cell_as_the_mean_of_its_word_embeddings():
+    """With the tiny bases' tokenizer (scene words one token each, <|light blue|> and <|empty|> added), the reading
+    vocabulary is every possible cell, each the mean of its words' embeddings; with any other tokenizer (these special
+    tokens absent) it is the whole vocabulary, one token per entry."""
+    import make_bases
+    import world
+    tokenizer = make_bases.train_tokenizer(["a large small red green blue yellow purple orange circle square "
+                                            "triangle top left right bottom center white gray", "USER: hi"])
+    table = torch.nn.Embedding(tokenizer.get_vocab_size(), 4)
+    model = SimpleNamespace(llm=SimpleNamespace(embed_tokens=table))
+    names, vectors = sample.reading_vocabulary(model, tokenizer)
+    assert names == world.possible_cells() and len(names) == 9 * 3 * (1 + 2 * 6 * 3)
+    one = lambda word: table.weight[tokenizer.token_to_id(word)]
+    k = names.index(["bottom right", "light blue", "small", "red", "triangle"])
+    torch.testing.assert_close(vectors[k], (one("Ġbottom") + one("Ġright") + one("<|light blue|>") + one("Ġsmall")
+                                            + one("Ġred") + one("Ġtriangle")) / 6)
+    k = names.index(["center", "gray", "empty"])
+    torch.testing.assert_close(vectors[k], (one("Ġcenter") + one("Ġgray") + one("<|empty|>")) / 3)
+    plain = byte_level_tokenizer()
+    table = torch.nn.Embedding(plain.get_vocab_size(), 4)
+    names, vectors = sample.reading_vocabulary(SimpleNamespace(llm=SimpleNamespace(embed_tokens=table)), plain)
+    assert names == [plain.id_to_token(i) for i in range(plain.get_vocab_size())] and vectors.shape == (len(names), 4)
