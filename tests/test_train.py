@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -545,7 +546,7 @@ def test_weight_decay_spares_biases_and_norm_weights(tiny):
 
 def test_default_tiny_pipeline_runs_from_the_command_line(tiny, tmp_path):
     """The CI's shortened pipeline: stage 1 then stage 2 --init on the shapes world, a few steps each, with the
-    shipped bases (the tiny test bases until bases/ exists)."""
+    shipped bases (the tiny test bases until bases/ exists), then sample.py's held-out eval of the result."""
     shipped = all(os.path.isfile(os.path.join(REPO, "bases", name, "config.json")) for name in ("clip", "llama"))
     bases = [] if shipped else [f"--vision_path={tiny['vision']}", f"--llm_path={tiny['llm']}"]
     short = ["--max_steps=2", "--global_batch_size=4", "--batch_size=2", "--eval_samples=4", "--log_interval=1"]
@@ -558,3 +559,8 @@ def test_default_tiny_pipeline_runs_from_the_command_line(tiny, tmp_path):
         assert "step 2/2" in result.stdout and "done: 2 steps" in result.stdout
     model = TinyLLaVA.from_pretrained(str(tmp_path / "stage2" / "ckpt.pt"))
     assert model.config.template == "vicuna_v1"
+    command = [sys.executable, os.path.join(REPO, "sample.py"), "--eval", f"--ckpt={tmp_path}/stage2/ckpt.pt",
+               "--limit=14"]  # and the held-out eval, two questions of each type
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert re.search(r"overall\s+\d+/14\s+\d\.\d{4}", result.stdout), result.stdout[-2000:]
