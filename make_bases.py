@@ -98,21 +98,23 @@ class Settings:
     clip_lr: float = 1e-3  # peak learning rate (linear warmup, cosine decay)
     # LLaMA: the language model, trained from scratch to read scenes written in words (docstring, part 3), on fresh
     # train scenes, several questions per sequence, in four phases under one warmup and cosine decay
-    llm_width: int = 256  # hidden size
+    llm_width: int = 128  # hidden size
     llm_layers: int = 4  # decoder blocks
     llm_heads: int = 4  # attention heads
     llm_kv_heads: int = 2  # key-value heads (grouped-query attention when fewer than the heads)
-    llm_intermediate: int = 512  # the MLP's hidden size
+    llm_intermediate: int = 256  # the MLP's hidden size
     llm_context: int = 512  # the longest sequence, in tokens
-    color_steps: int = 600  # phase 1: color questions about scenes of 2 or 3 objects, loss on the color word alone
-    position_steps: int = 600  # phase 2: color and position questions, 2 or 3 objects, loss on every answer token
-    facts_steps: int = 1800  # phase 3: every question type, captions, descriptions (color and position 3x), loss on
+    color_steps: int = 800  # phase 1: color questions about scenes of 2 or 3 objects, loss on the color word alone
+    position_steps: int = 800  # phase 2: color and position questions, 2 or 3 objects, loss on every answer token
+    facts_steps: int = 2400  # phase 3: every question type, captions, descriptions (color and position 3x), loss on
                              # the fact words alone
-    llm_steps: int = 3000  # phase 4: every question type, captions, descriptions, loss on every answer token
+    llm_steps: int = 4000  # phase 4: every question type, captions, descriptions, loss on every answer token
     llm_batch: int = 32  # sequences per step
     llm_tokens: int = 192  # each sequence holds question-answer turns about one scene, as many as fit in this many
                            # tokens (1: a single question)
     llm_lr: float = 1e-3  # peak learning rate
+    llm_eval_every: int = 1000  # print the held-out exact match (the scenes in words) every this many steps (0: only
+                                # at the end, on the stored weights)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The world as data
@@ -507,7 +509,7 @@ def reading_loss(model, ids, labels, weights, cells):
     return (losses * weights).sum() / weights.sum().clamp(min=1)
 
 
-def train_llama(settings, tokenizer, held_out):
+def train_llama(settings, tokenizer, held_out, directory):
     """A fresh LLaMA through the four phases. From scratch: after 800 steps of the world's conversations with the
     image left out (guessing answers blind), the color lookup formed more slowly (0.70 of held-out color questions
     after 500 steps of phase 1, against 0.88 after 250 from scratch)."""
@@ -530,6 +532,10 @@ def train_llama(settings, tokenizer, held_out):
     def batch_loss(step):
         phase = next(k for k, end in enumerate(ends) if step < end)
         mix, only_facts, fewest, _ = phases[phase]
+        if settings.llm_eval_every and step and step % settings.llm_eval_every == 0:
+            print(f"llama step {step}: held-out exact match " + ", ".join(
+                f"{kind} {value:.3f}" for kind, value in reading_accuracy(model, tokenizer, directory, settings).items()),
+                flush=True)
         if step == ends[phase] - phases[phase][-1]:
             print(f"llama phase {phase + 1} from step {step + 1}: {', '.join(mix)}; loss on "
                   f"{'the fact words' if only_facts else 'every answer token'}; scenes of {fewest} to "
@@ -600,7 +606,7 @@ def main(argv=None):
     for name in ("threads", "llm_batch", "llm_tokens", "clip_batch"):
         if getattr(settings, name) < 1:
             parser.error(f"--{name} {getattr(settings, name)}: it must be at least 1")
-    for name in ("clip_steps", "color_steps", "position_steps", "facts_steps", "llm_steps"):
+    for name in ("clip_steps", "color_steps", "position_steps", "facts_steps", "llm_steps", "llm_eval_every"):
         if getattr(settings, name) < 0:
             parser.error(f"--{name} {getattr(settings, name)}: it must not be negative")
     if settings.device not in ("cpu", "cuda"):
@@ -637,7 +643,7 @@ def main(argv=None):
 
     part = time.time()
     held_out_scenes = {scene.key() for scene, train_scene in zip(scenes, is_train.tolist()) if not train_scene}
-    llama = train_llama(settings, tokenizer, held_out_scenes)
+    llama = train_llama(settings, tokenizer, held_out_scenes, directory)
     save_llama(llama, tokenizer, os.path.join(build, "llama"), settings)
     llama = Llama.from_pretrained(os.path.join(build, "llama"), device=settings.device)
     llama_figures = reading_accuracy(llama, tokenizer, directory, settings)

@@ -282,8 +282,10 @@ def test_the_text_form_eval_asks_exactly_what_sample_eval_asks_with_the_scene_in
 
 def test_tiny_run_writes_bases_both_loaders_read_deterministically_from_the_seed(tmp_path, capsys):
     for out in ("a", "b"):
-        make_bases.main(TINY + ["--out", str(tmp_path / out), "--world_root", str(tmp_path / "world")])
+        make_bases.main(TINY + ["--llm_eval_every", "2", "--out", str(tmp_path / out),
+                                "--world_root", str(tmp_path / "world")])
     printed = capsys.readouterr().out
+    assert re.search(r"llama step 4: held-out exact match color \d\.\d{3}, .*overall", printed)  # progress
     assert "clip step 2/2" in printed and "eta" in printed and "total" in printed
     assert "llama phase 4 from step 4: color, shape," in printed and "llama step 5/5" in printed
     assert re.search(r"LLaMA, held-out scenes written in words, exact match: color \d\.\d{3}, .*overall", printed)
@@ -305,7 +307,7 @@ def test_tiny_run_writes_bases_both_loaders_read_deterministically_from_the_seed
 
 
 @pytest.mark.parametrize("flag, value, says", [("--threads", "0", "at least 1"), ("--llm_steps", "-3", "negative"),
-                                              ("--llm_tokens", "0", "at least 1"),
+                                              ("--llm_tokens", "0", "at least 1"), ("--llm_eval_every", "-1", "negative"),
                                               ("--device", "gpu", "cpu or cuda"), ("--dtype", "bf16", "float32 or"),
                                               ("--save_dtype", "bf16", "float16, bfloat16 or")])
 def test_a_count_out_of_range_is_refused_naming_the_flag_before_anything_is_written(tmp_path, capsys, flag, value,
