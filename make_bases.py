@@ -113,8 +113,8 @@ class Settings:
     llm_tokens: int = 192  # each sequence holds question-answer turns about one scene, as many as fit in this many
                            # tokens (1: a single question)
     llm_lr: float = 1e-3  # peak learning rate
-    llm_eval_every: int = 1000  # print the held-out exact match (the scenes in words) every this many steps (0: only
-                                # at the end, on the stored weights)
+    llm_eval_every: int = 1000  # print the held-out fact words right and exact match (the scenes in words) every this
+                                # many steps (0: only the exact match at the end, on the stored weights)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The world as data
@@ -533,9 +533,11 @@ def train_llama(settings, tokenizer, held_out, directory):
         phase = next(k for k, end in enumerate(ends) if step < end)
         mix, only_facts, fewest, _ = phases[phase]
         if settings.llm_eval_every and step and step % settings.llm_eval_every == 0:
-            print(f"llama step {step}: held-out exact match " + ", ".join(
-                f"{kind} {value:.3f}" for kind, value in reading_accuracy(model, tokenizer, directory, settings).items()),
-                flush=True)
+            for what, score in (("fact words right (teacher-forced)", reading_facts),
+                                ("exact match", reading_accuracy)):
+                figures = score(model, tokenizer, directory, settings)
+                print(f"llama step {step}: held-out {what} "
+                      + ", ".join(f"{kind} {value:.3f}" for kind, value in figures.items()), flush=True)
         if step == ends[phase] - phases[phase][-1]:
             print(f"llama phase {phase + 1} from step {step + 1}: {', '.join(mix)}; loss on "
                   f"{'the fact words' if only_facts else 'every answer token'}; scenes of {fewest} to "
@@ -551,12 +553,41 @@ def reading_prompt(question, tokenizer):
     return ids[:at] + [IMAGE_TOKEN_INDEX] * world.GRID ** 2 + ids[at + 1:]
 
 
+def held_out_questions(directory):
+    """sample.py --eval's questions (eval.json, about held-out scenes), and the scenes by image name."""
+    scenes = {r["image"]: scene_from_json(r) for r in read_json(os.path.join(directory, "scenes.json"))}
+    return read_json(os.path.join(directory, "eval.json")), scenes
+
+
+@torch.no_grad()
+def reading_facts(model, tokenizer, directory, settings, batch=64):
+    """The share of the held-out questions whose fact words the LLaMA predicts right, teacher-forced (the scene in
+    words, image first), per question type and overall: what the fact phases train, which exact match cannot see
+    while the rest of each answer is untrained."""
+    items, scenes = held_out_questions(directory)
+    facts, right = fact_ids(tokenizer), {}
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        rows = [reading_conversation([(item["question"], item["answer"])], tokenizer, facts, True) for item in chunk]
+        longest = max(len(ids) for ids, _, _ in rows)
+        pad = lambda row, value: row + [value] * (longest - len(row))
+        ids, labels, fact = (torch.tensor([pad(row[k], value) for row in rows], device=settings.device)
+                             for k, value in enumerate((PAD, IGNORE_INDEX, False)))
+        cells = torch.tensor([cell_ids(scenes[item["image"]], tokenizer) for item in chunk], device=settings.device)
+        logits = model(inputs_embeds=scene_embeddings(model, ids, cells))  # (B, T, vocab)
+        missed = ((logits[:, :-1].argmax(-1) != labels[:, 1:]) & fact[:, 1:]).any(1)  # (B,)
+        for item, miss in zip(chunk, missed.tolist()):
+            right.setdefault(item["type"], []).append(not miss)
+    figures = {kind: sum(marks) / len(marks) for kind, marks in right.items()}
+    figures["overall"] = sum(map(sum, right.values())) / len(items)
+    return figures
+
+
 @torch.no_grad()
 def reading_accuracy(model, tokenizer, directory, settings, batch=64):
-    """Held-out exact match per question type and overall: sample.py --eval's questions (eval.json, about held-out
-    scenes), with each scene written in words where its image goes, image first, greedy."""
-    items = read_json(os.path.join(directory, "eval.json"))
-    scenes = {r["image"]: scene_from_json(r) for r in read_json(os.path.join(directory, "scenes.json"))}
+    """Held-out exact match per question type and overall: sample.py --eval's questions, with each scene written in
+    words where its image goes, image first, greedy."""
+    items, scenes = held_out_questions(directory)
     right, total = {}, {}
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]

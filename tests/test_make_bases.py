@@ -285,7 +285,8 @@ def test_tiny_run_writes_bases_both_loaders_read_deterministically_from_the_seed
         make_bases.main(TINY + ["--llm_eval_every", "2", "--out", str(tmp_path / out),
                                 "--world_root", str(tmp_path / "world")])
     printed = capsys.readouterr().out
-    assert re.search(r"llama step 4: held-out exact match color \d\.\d{3}, .*overall", printed)  # progress
+    for what in ("fact words right \\(teacher-forced\\)", "exact match"):  # progress
+        assert re.search(rf"llama step 4: held-out {what} color \d\.\d{{3}}, .*overall", printed)
     assert "clip step 2/2" in printed and "eta" in printed and "total" in printed
     assert "llama phase 4 from step 4: color, shape," in printed and "llama step 5/5" in printed
     assert re.search(r"LLaMA, held-out scenes written in words, exact match: color \d\.\d{3}, .*overall", printed)
