@@ -30,6 +30,7 @@ Image paths in the JSON files are relative to the world directory. Answers use o
 so exact match on held-out questions (`exact_match`) is a meaningful score.
 """
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -193,10 +194,18 @@ def cell_words(cell):
 
 
 def cell_word_ids(cell, tokenizer):
-    """The token ids of cell_words(cell) in a tokenizers.Tokenizer, or None unless each word is one token of it (as
-    in the tiny bases' tokenizer, and no other)."""
-    ids = [tokenizer.encode(word, add_special_tokens=False).ids for word in cell_words(cell)]
-    return [i[0] for i in ids] if all(len(i) == 1 for i in ids) else None
+    """The token ids of cell_words(cell) in a tokenizers.Tokenizer, or None unless each word a cell can hold is one
+    token of it (as in the tiny bases' tokenizer, and no other)."""
+    ids = scene_word_ids(tokenizer)
+    return None if ids is None else [ids[word] for word in cell_words(cell)]
+
+
+@functools.lru_cache(maxsize=4)  # per tokenizer: make_bases.py asks for 9 cells of every scene of every batch
+def scene_word_ids(tokenizer):
+    """{word: token id} for every word cell_words writes, or None unless each is one token of the tokenizer."""
+    words = {word for cell in possible_cells() for word in cell_words(cell)}
+    ids = {word: tokenizer.encode(word, add_special_tokens=False).ids for word in words}
+    return {word: i[0] for word, i in ids.items()} if all(len(i) == 1 for i in ids.values()) else None
 
 
 def possible_cells():
