@@ -206,7 +206,9 @@ def scene_with_tokens():
                                        world.place("square", "blue", "small", 1, 2)))
     tokenizer = make_bases.train_tokenizer(["What color is the large circle? The large circle is red.",
                                             "Is there a red circle in the image? Yes, there is a red circle.",
-                                            world.caption(scene) + "\n", "top left top right bottom left center"])
+                                            world.caption(scene) + "\n",  # and every other word a cell can hold:
+                                            "top left top right bottom center white gray green yellow purple orange "
+                                            "triangle"])
     return scene, tokenizer
 
 
