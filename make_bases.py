@@ -3,7 +3,7 @@ Regenerate the tiny pretrained bases shipped in bases/: a byte-level BPE tokeniz
 tiny LLaMA, trained from scratch on the shapes world (world.py) and written in Hugging Face's layout, so that they load
 through exactly the loaders real checkpoints use (CLIP.from_pretrained, Llama.from_pretrained, and transformers').
 
-    python make_bases.py                                       # all of bases/: 88 min on one thread of 2 cores
+    python make_bases.py --threads 1                           # all of bases/: 88 min, beside another such run
     python make_bases.py --out /tmp/bases --clip_steps 20 --color_steps 5 --position_steps 5 --facts_steps 5 \
         --llm_steps 20                                         # a quick smoke run
     python -m pytest -q tests/test_make_bases.py
@@ -27,11 +27,11 @@ through exactly the loaders real checkpoints use (CLIP.from_pretrained, Llama.fr
    <|empty|>, added to the BPE after its training: world.cell_words), so an image token reads back as a bag of words
    (sample.py --read_image). It learns to answer every question type and to write captions and descriptions from
    fresh train scenes, in stage 2's multi-turn template (distinct questions about one scene, as many as fit in 192
-   tokens: the system prompt is paid once for ~5 answers) and stage 1's for captions. Four phases: the color lookup alone first, on the color word (on whole answers
-   of every type it did not form in 4,000 steps), with position, every type on the fact words, every type on whole
-   answers. This is LLaVA's premise made literal: the LLM can already read what W must learn to write (stage 1).
-   The held-out exact match it prints, in this text form, on sample.py --eval's questions, is the ceiling of stages
-   1 and 2; the bases ship only when it is at least 0.98.
+   tokens: the system prompt is paid once for ~5 answers) and stage 1's for captions. Four phases: the color lookup
+   alone first, on the color word (on whole answers of every type it did not form in 4,000 steps), with position,
+   every type on the fact words, every type on whole answers. This is LLaVA's premise made literal: the LLM can
+   already read what W must learn to write (stage 1). The held-out exact match it prints, in this text form, on
+   sample.py --eval's questions, is the ceiling of stages 1 and 2; the bases ship only when it is at least 0.98.
 Weights are trained in float32 (under bf16 autocast with --dtype bfloat16) and stored in float16 (the loaders cast
 on load); the quality figures printed at the end are measured on the stored files, loaded back.
 """
