@@ -640,6 +640,15 @@ def main(argv=None):
     for name in ("clip_steps", "color_steps", "position_steps", "facts_steps", "llm_steps", "llm_eval_every"):
         if getattr(settings, name) < 0:
             parser.error(f"--{name} {getattr(settings, name)}: it must not be negative")
+    for width, heads in (("vision_width", "vision_heads"), ("text_width", "text_heads"), ("llm_width", "llm_heads")):
+        if getattr(settings, heads) < 1 or getattr(settings, width) % getattr(settings, heads):
+            parser.error(f"--{width} {getattr(settings, width)} --{heads} {getattr(settings, heads)}: the heads must "
+                         "split the width evenly")
+    if (settings.llm_width // settings.llm_heads) % 2:  # rotary embeddings turn pairs of each head's channels
+        parser.error(f"--llm_width {settings.llm_width} --llm_heads {settings.llm_heads}: each head's width must be "
+                     "even")
+    if settings.llm_kv_heads < 1 or settings.llm_heads % settings.llm_kv_heads:
+        parser.error(f"--llm_kv_heads {settings.llm_kv_heads}: it must divide --llm_heads {settings.llm_heads}")
     if settings.device not in ("cpu", "cuda"):
         parser.error(f"--device {settings.device}: it is cpu or cuda")
     if settings.dtype not in ("float32", "bfloat16"):

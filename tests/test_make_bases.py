@@ -312,6 +312,8 @@ def test_tiny_run_writes_bases_both_loaders_read_deterministically_from_the_seed
 @pytest.mark.parametrize("flag, value, says", [("--threads", "0", "at least 1"), ("--llm_steps", "-3", "negative"),
                                               ("--llm_tokens", "0", "at least 1"),
                                               ("--llm_eval_every", "-1", "negative"),
+                                              ("--llm_heads", "3", "split the width evenly"),
+                                              ("--llm_kv_heads", "3", "must divide --llm_heads"),
                                               ("--device", "gpu", "cpu or cuda"), ("--dtype", "bf16", "float32 or"),
                                               ("--save_dtype", "bf16", "float16, bfloat16 or")])
 def test_a_count_out_of_range_is_refused_naming_the_flag_before_anything_is_written(tmp_path, capsys, flag, value,
