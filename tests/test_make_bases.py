@@ -234,6 +234,23 @@ def test_each_cell_is_spliced_in_as_the_mean_of_its_word_embeddings_where_the_im
     torch.testing.assert_close(embeds[first + 9:], table[ids[first + 9:]])
 
 
+def test_cell_noise_blurs_only_the_cells_each_row_by_a_share_of_their_norm_drawn_up_to_the_setting():
+    scene, tokenizer = scene_with_tokens()
+    model = torch.nn.Module()
+    model.embed_tokens = torch.nn.Embedding(tokenizer.get_vocab_size(), 2048)  # wide: a row's noise norm is sharp
+    ids, _, _ = make_bases.reading_example({"color": 1}, scene, tokenizer, set(), random.Random(0), budget=1)
+    ids, cells = torch.tensor([ids] * 400), torch.tensor([make_bases.cell_ids(scene, tokenizer)] * 400)
+    exact = make_bases.scene_embeddings(model, ids, cells)
+    torch.manual_seed(0)
+    blurred = make_bases.scene_embeddings(model, ids, cells, noise=0.5)
+    image = ids[0] == IMAGE_TOKEN_INDEX
+    torch.testing.assert_close(blurred[:, ~image], exact[:, ~image])  # the text is never touched
+    shares = ((blurred - exact)[:, image].norm(dim=-1) / exact[:, image].norm(dim=-1))  # (rows, 9)
+    assert (shares.std(1) < 0.02).all()  # one share per row (its cells alike), ...
+    row_shares = shares.mean(1)  # ... uniform in [0, 0.5] over the rows
+    assert 0.48 < row_shares.max() < 0.51 and row_shares.min() < 0.01 and abs(row_shares.mean().item() - 0.25) < 0.02
+
+
 def test_only_the_fact_words_an_answer_adds_to_its_question_are_weighted_in_the_fact_phases():
     scene, tokenizer = scene_with_tokens()
     facts = make_bases.fact_ids(tokenizer)
