@@ -28,11 +28,11 @@ through exactly the loaders real checkpoints use (CLIP.from_pretrained, Llama.fr
    (sample.py --read_image). It learns to answer every question type and to write captions and descriptions from
    fresh train scenes, in stage 2's multi-turn template (distinct questions about one scene, as many as fit in 192
    tokens: the system prompt is paid once for ~5 answers) and stage 1's for captions. Four phases: the color lookup
-   alone first, on the color word (on whole answers of every type it did not form in 4,000 steps), with position,
-   every type on the fact words, every type on whole answers with each scene's cells blurred by noise: a LLaMA that
-   read only exact word means read other vectors arbitrarily, and stage 1's W learned to caption from vectors the
-   questions do not read (scene_embeddings). This is LLaVA's premise made literal: the LLM can
-   already read what W must learn to write (stage 1). The held-out exact match it prints, in this text form, on
+   alone, loss on the color word (on whole answers of every type it did not form in 4,000 steps); color and position;
+   every type, loss on the fact words; every type on whole answers, each scene's cells blurred by gaussian noise
+   (scene_embeddings): a LLaMA trained on exact word means read any other vector arbitrarily, and stage 1's W found
+   vectors that wrote the captions but that the questions did not read. This is LLaVA's premise made literal: the
+   LLM can already read what W must learn to write (stage 1). The held-out exact match it prints, in this text form, on
    sample.py --eval's questions, is the ceiling of stages 1 and 2; the bases ship only when it is at least 0.98.
 Weights are trained in float32 (under bf16 autocast with --dtype bfloat16) and stored in float16 (the loaders cast
 on load); the quality figures printed at the end are measured on the stored files, loaded back.
@@ -98,8 +98,7 @@ class Settings:
     clip_steps: int = 600  # contrastive training steps
     clip_batch: int = 128  # image-text pairs per step
     clip_lr: float = 1e-3  # peak learning rate (linear warmup, cosine decay)
-    # LLaMA: the language model, trained from scratch to read scenes written in words (docstring, part 3), on fresh
-    # train scenes, several questions per sequence, in four phases under one warmup and cosine decay
+    # LLaMA: from scratch, it learns to read scenes written in words (docstring, part 3), in four phases, one cosine
     llm_width: int = 128  # hidden size
     llm_layers: int = 4  # decoder blocks
     llm_heads: int = 4  # attention heads
@@ -639,7 +638,7 @@ def replace_directory(build, final):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(epilog=__doc__.strip(), formatter_class=help_format)  # the flags, then the docstring
+    parser = argparse.ArgumentParser(epilog=__doc__.strip(), formatter_class=help_format)  # flags, then the docstring
     types = {field.name: field.type for field in dataclasses.fields(Settings)}
     for group_name, note, explained in explained_fields(Settings):
         group = parser.add_argument_group(group_name, note or None)

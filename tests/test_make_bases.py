@@ -351,7 +351,9 @@ def test_an_out_that_cannot_be_a_directory_is_refused_before_any_training(tmp_pa
 
 
 def test_help_explains_every_flag_from_the_comments_in_settings(capsys):
-    explained = {name: text for _, _, items in make_bases.explained_fields(make_bases.Settings) for name, text in items}
+    groups = make_bases.explained_fields(make_bases.Settings)
+    assert [(name, bool(items)) for name, _, items in groups] == [("run", True), ("CLIP", True), ("LLaMA", True)]
+    explained = {name: text for _, _, items in groups for name, text in items}
     assert list(explained) == [f.name for f in dataclasses.fields(make_bases.Settings)]  # each field, in order, once
     assert all(text.strip() for text in explained.values()), explained
     with pytest.raises(SystemExit):
