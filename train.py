@@ -115,7 +115,8 @@ class TrainConfig:
     epochs: int | None = None  # passes over the data; they set the schedule's length unless --max_steps does
     max_steps: int = 0  # the schedule's length in optimizer steps (0: epochs x steps per epoch). Warmup and cosine
                         # shrink to fit it, so a short run is a whole small schedule; to stop a run early on its
-                        # full schedule use --stop_at_step instead
+                        # full schedule use --stop_at_step instead. Stage 2's 300 are for the shapes world: with
+                        # --data_path or --epochs the epochs set the length
     global_batch_size: int | None = None  # samples per optimizer step, over all processes
     batch_size: int | None = None  # samples per forward pass in one process; gradient accumulation makes up the rest
                                    # of the global batch, so the steps do not change with it
@@ -167,8 +168,9 @@ class TrainConfig:
 STAGE_DEFAULTS = {
     1: dict(out_dir="out/stage1", template="plain", learning_rate=1e-3, epochs=1, global_batch_size=32,
             batch_size=32),
-    2: dict(out_dir="out/stage2", template="vicuna_v1", learning_rate=1e-3, epochs=1, global_batch_size=32,
-            batch_size=16),
+    2: dict(out_dir="out/stage2", template="vicuna_v1", learning_rate=2e-4, epochs=1, max_steps=300,
+            global_batch_size=32, batch_size=32),  # 300 steps: a quarter of an epoch of the world's mix (not on
+                                                   # --data_path, nor with --epochs: make_config)
 }
 # taken from the --init checkpoint unless given
 MODEL_FIELDS = ("vision_path", "llm_path", "projector", "vision_feature_layer", "keep_class_token")
@@ -315,7 +317,10 @@ def make_config(argv):
             raise Stop(f"--{key}: LoRA adapts the LLM, which stage 1 keeps frozen (only W trains); use it in stage 2")
         if key != "lora_r" and not overrides.get("lora_r"):
             raise Stop(f"--{key} does nothing without --lora_r (the adapters' rank; 0 turns LoRA off)")
-    config = TrainConfig(**{**STAGE_DEFAULTS[stage], **overrides})
+    defaults = dict(STAGE_DEFAULTS[stage])
+    if "epochs" in overrides or overrides.get("data_path"):  # the default step count is the shapes world's: on
+        defaults.pop("max_steps", None)                      # your data, or with --epochs, the epochs set the length
+    config = TrainConfig(**{**defaults, **overrides})
     path = os.path.join(config.out_dir, "ckpt.pt")
     if config.resume and config.overwrite:
         raise Stop(f"--resume continues {path} and --overwrite starts over: give one of them")
@@ -394,8 +399,8 @@ def explained_fields(config_class=TrainConfig):
 
 def default_text(name):
     """A field's default as it is typed on the command line; per stage where STAGE_DEFAULTS sets it."""
-    per_stage = {stage: defaults[name] for stage, defaults in STAGE_DEFAULTS.items() if name in defaults}
-    if not per_stage:
+    per_stage = {stage: defaults.get(name, getattr(TrainConfig, name)) for stage, defaults in STAGE_DEFAULTS.items()}
+    if not any(name in defaults for defaults in STAGE_DEFAULTS.values()):
         value = getattr(TrainConfig, name)
         return str(value).lower() if isinstance(value, bool) else '""' if value == "" else str(value)
     if len(set(per_stage.values())) == 1:

@@ -373,6 +373,15 @@ def test_flags_parse_to_the_field_types(tmp_path, monkeypatch):
     assert (config.template, config.out_dir, config.learning_rate) == ("vicuna_v1", "out/stage2", 1e-4)
 
 
+def test_stage2_runs_300_steps_on_the_world_but_its_epochs_on_your_data_or_when_epochs_are_given(tmp_path,
+                                                                                                  monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    steps = lambda *flags: train.make_config(["--stage=2", *flags])[0].max_steps
+    assert steps() == 300 and steps("--max_steps=20") == 20
+    assert steps("--epochs=2") == 0 and steps("--data_path=mine.json") == 0  # 0: the epochs set the length
+    assert train.make_config(["--stage=1"])[0].max_steps == 0
+
+
 def test_help_explains_every_field_under_its_group_from_the_comments_in_trainconfig(capsys):
     groups = train.explained_fields()
     names = [name for name, _, _ in groups]  # these five, in this order, and any a later feature adds
@@ -388,7 +397,7 @@ def test_help_explains_every_field_under_its_group_from_the_comments_in_traincon
     for name, text in explained.items():
         assert f"--{name} " in printed and " ".join(text.split()) in flat, name
     # the defaults, per stage where the stage sets them, and the explanations a short run needs
-    assert "(default: 0)" in flat.split("--max_steps INT")[1].split("--global_batch_size")[0]
+    assert "(default: stage 1: 0, stage 2: 300)" in flat.split("--max_steps INT")[1].split("--global_batch_size")[0]
     assert "--stop_at_step instead" in explained["max_steps"] and "--resume" in explained["stop_at_step"]
     assert "(default: stage 1: out/stage1, stage 2: out/stage2)" in flat
     assert flat.index("model: what trains") < flat.index("--stage INT") < flat.index("data:") < flat.index(
