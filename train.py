@@ -169,8 +169,7 @@ STAGE_DEFAULTS = {
     1: dict(out_dir="out/stage1", template="plain", learning_rate=1e-3, epochs=1, global_batch_size=32,
             batch_size=32),
     2: dict(out_dir="out/stage2", template="vicuna_v1", learning_rate=2e-4, epochs=1, max_steps=300,
-            global_batch_size=32, batch_size=32),  # 300 steps: a quarter of an epoch of the world's mix (not on
-                                                   # --data_path, nor with --epochs: make_config)
+            global_batch_size=32, batch_size=32),  # 300 steps: a quarter of an epoch of the world's mix
 }
 # taken from the --init checkpoint unless given
 MODEL_FIELDS = ("vision_path", "llm_path", "projector", "vision_feature_layer", "keep_class_token")
