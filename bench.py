@@ -196,7 +196,7 @@ def bench_train(directory):
     """
     train.py's stage-2 step (train.train_step: forward, backward, clipping, AdamW) on this CPU: tokens/s, peak memory,
     and achieved FLOP/s as a fraction of a plain fp32 matmul's FLOP/s measured in the same rounds; float32 and
-    bfloat16 autocast, interleaved. FLOPs per step: train.step_flops (6 x weights x tokens for the LLM and W, attention
+    bfloat16 autocast, interleaved. FLOPs per step: progress.step_flops (6 x weights x tokens for the LLM and W, attention
     terms, the frozen vision tower forward only), checked against torch's FlopCounterMode on one step.
     Two shapes: the realistic one above (CLIP ViT-L/14 proportions at 224 px, a TinyLlama-proportioned LLM), and the
     shipped tiny bases' own proportions (read from bases/*/config.json), which bf16 serves differently.
@@ -221,6 +221,7 @@ def matmul_flops_per_s(dtype, size=2048, repeats=5):
 
 
 def bench_train_shape(directory, name, llama, vision, batch, text_length):
+    import progress
     import train
     from torch.utils.flop_counter import FlopCounterMode
     torch.manual_seed(0)
@@ -238,14 +239,14 @@ def bench_train_shape(directory, name, llama, vision, batch, text_length):
                        pixel_values=torch.randn(batch, 3, vision["image_size"], vision["image_size"]),
                        ids=[str(i) for i in range(batch)], skipped=[])
     lengths = train.sequence_lengths(micro_batch, model.num_image_tokens)
-    flops = train.step_flops(model, lengths, batch)
+    flops = progress.step_flops(model, lengths, batch)
     with FlopCounterMode(display=False) as counter:
         train.train_step(model, optimizer, [micro_batch], 2e-5, train.Runtime())
     print(f"{name}: LLM hidden {llama['hidden_size']} x {llama['num_hidden_layers']} layers, vocab "
           f"{llama['vocab_size']}; vision hidden {vision['hidden_size']} x {vision['num_hidden_layers']} layers at "
           f"{vision['image_size']} px; batch {batch} x {lengths[0]} tokens ({model.num_image_tokens} image); "
           f"{torch.get_num_threads()} threads")
-    print(f"  FLOPs per step: train.step_flops {flops / 1e9:.1f} G, torch's FlopCounterMode "
+    print(f"  FLOPs per step: progress.step_flops {flops / 1e9:.1f} G, torch's FlopCounterMode "
           f"{counter.get_total_flops() / 1e9:.1f} G")
     runtimes = {torch.float32: train.Runtime(), torch.bfloat16: train.Runtime(autocast_dtype=torch.bfloat16)}
     steps, matmuls = {dtype: [] for dtype in runtimes}, {dtype: [] for dtype in runtimes}

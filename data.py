@@ -203,6 +203,13 @@ def encode_prompt(conversations, tokenizer, template="vicuna_v1", image_first=Tr
     return _encode(_segments(pairs, _template(template), has_image, image_first), tokenizer)[0]
 
 
+def question_ids(text, tokenizer, template="vicuna_v1", image=True):
+    """Inference prompt ids for one question about an image, the image first (image=False: a question without one).
+    An <image> tag in the text is dropped: the image's place is set here."""
+    text = text.replace(IMAGE_TAG, "").strip()
+    return encode_prompt([{"from": "human", "value": (IMAGE_TAG + "\n" if image else "") + text}], tokenizer, template)
+
+
 def render_conversation(conversations, template="vicuna_v1", image_first=True):
     """The prompt as text, with <image> and </s> where the placeholder and the EOS go (to read, not to tokenize)."""
     pairs, has_image = parse_conversation(conversations, answered=len(conversations) % 2 == 0)

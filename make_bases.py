@@ -25,7 +25,7 @@ through exactly the loaders real checkpoints use (CLIP.from_pretrained, Llama.fr
    grid cell (9, as CLIP's image tokens), each the mean of its words' embeddings, the very tokens the questions use
    (" top" " left" " white" " large" " red" " circle"; "light blue" and "empty" are the tokens <|light blue|> and
    <|empty|>, added to the BPE after its training: world.cell_words), so an image token reads back as a bag of words
-   (sample.py --read_image). It learns to answer every question type and to write captions and descriptions from
+   (evaluate.py --read_image). It learns to answer every question type and to write captions and descriptions from
    fresh train scenes, in stage 2's multi-turn template (distinct questions about one scene, as many as fit in 192
    tokens: the system prompt is paid once for ~5 answers) and stage 1's for captions. Four phases: the color lookup
    alone, loss on the color word (on whole answers of every type it did not form in 4,000 steps); color and position;
@@ -33,11 +33,10 @@ through exactly the loaders real checkpoints use (CLIP.from_pretrained, Llama.fr
    (scene_embeddings): a LLaMA trained on exact word means read any other vector arbitrarily, and stage 1's W found
    vectors that wrote the captions but that the questions did not read. This is LLaVA's premise made literal: the
    LLM can already read what W must learn to write (stage 1). The held-out exact match it prints, in this text form, on
-   sample.py --eval's questions, is the ceiling of stages 1 and 2; the bases ship only when it is at least 0.98.
+   evaluate.py's questions, is the ceiling of stages 1 and 2; the bases ship only when it is at least 0.98.
 Weights are trained in float32 (under bf16 autocast with --dtype bfloat16) and stored in float16 (the loaders cast
 on load); the quality figures printed at the end are measured on the stored files, loaded back.
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -47,19 +46,20 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import flags
 import world
 from clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, contrastive_loss
 from data import (BRIEF_DESCRIPTION_QUESTIONS, CLIP_MEAN, CLIP_STD, DETAILED_DESCRIPTION_QUESTIONS, IMAGE_TAG,
-                  encode_conversation, encode_prompt, load_image, process_image, render_conversation)
+                  encode_conversation, load_image, process_image, question_ids, render_conversation)
 from llama import Llama, LlamaConfig
 from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from train import explained_fields, help_format
 from weights import atomic_write, write_json
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<|endoftext|>")  # ids 0..4, in this order
@@ -68,8 +68,7 @@ SCENE_TOKENS = world.SCENE_TOKENS  # the scene's words that are no text token, a
 CELL_WORDS = 6  # the most tokens a cell is written in: " bottom", " right", " white", " large", " red", " circle"
 
 
-# Every field is a flag, explained by its comment (`python make_bases.py --help` prints them, as train.py's help does:
-# a comment line level with the fields starts a group, deeper comment lines go on explaining the field above).
+# Every field is a flag, explained by its comment: `python make_bases.py --help` prints them (flags.py says how).
 @dataclass
 class Settings:
     # run: where the bases go, from which world, on what
@@ -79,11 +78,12 @@ class Settings:
     n_train: int = world.N_TRAIN_IMAGES  # the world's training images
     n_heldout: int = world.N_HELDOUT_IMAGES  # the world's held-out images (scored, never trained on)
     seed: int = 0  # the seed of the initializations and the batches: the same seed gives the same files
-    device: str = "cpu"  # cpu or cuda
-    dtype: str = "float32"  # float32, or bfloat16 (autocast): faster on CPUs with AVX512-bf16 or AMX, ~30x slower
-                            # with AVX2 only
+    device: Literal["cpu", "cuda"] = "cpu"  # where the bases train
+    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 (autocast): faster on CPUs with AVX512-bf16 or AMX,
+                                                       # ~30x slower with AVX2 only
     threads: int = 2  # CPU threads torch uses
-    save_dtype: str = "float16"  # the dtype the weights are stored in: float16, bfloat16 or float32 (the loaders cast)
+    save_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # the dtype the weights are stored in (the
+                                                                       # loaders cast)
     # CLIP: the vision tower g, and the text tower it is trained against
     patch_size: int = world.IMAGE_SIZE // world.GRID  # one patch per grid cell
     vision_width: int = 192  # the ViT's hidden size
@@ -124,12 +124,6 @@ class Settings:
 # The world as data
 
 
-def scene_from_json(record):
-    return world.Scene(record["background"], tuple(
-        world.SceneObject(o["shape"], o["color"], o["size"], o["row"], o["col"], tuple(o["box"]))
-        for o in record["objects"]))
-
-
 def read_json(path):
     with open(path) as f:
         return json.load(f)
@@ -155,7 +149,7 @@ def world_texts(directory):
                 texts.add(record["conversations"][1]["value"] + "\n")
     for record in read_json(os.path.join(directory, "scenes.json")):
         if record["split"] == "train":
-            texts.update((record["caption"], world.description(scene_from_json(record))))
+            texts.update((record["caption"], world.description(world.scene_from_json(record))))
     for question in BRIEF_DESCRIPTION_QUESTIONS + DETAILED_DESCRIPTION_QUESTIONS:
         texts.update((question, " " + question))
     return sorted(texts)
@@ -225,7 +219,7 @@ def load_scenes(directory, image_size):
     pixels = torch.stack([process_image(load_image(os.path.join(directory, r["image"])), image_size)
                           for r in records])
     is_train = torch.tensor([r["split"] == "train" for r in records])
-    return [scene_from_json(r) for r in records], pixels, is_train
+    return [world.scene_from_json(r) for r in records], pixels, is_train
 
 
 def clip_ids(texts, tokenizer, context):
@@ -560,15 +554,15 @@ def train_llama(settings, tokenizer, held_out, directory):
 
 
 def reading_prompt(question, tokenizer):
-    """sample.py --eval's prompt (vicuna_v1, image first), its image placeholder widened to the GRID^2 cells."""
-    ids = encode_prompt([{"from": "human", "value": IMAGE_TAG + "\n" + question}], tokenizer)
+    """evaluate.py's prompt (vicuna_v1, image first), its image placeholder widened to the GRID^2 cells."""
+    ids = question_ids(question, tokenizer)
     at = ids.index(IMAGE_TOKEN_INDEX)
     return ids[:at] + [IMAGE_TOKEN_INDEX] * world.GRID ** 2 + ids[at + 1:]
 
 
 def held_out_questions(directory):
-    """sample.py --eval's questions (eval.json, about held-out scenes), and the scenes by image name."""
-    scenes = {r["image"]: scene_from_json(r) for r in read_json(os.path.join(directory, "scenes.json"))}
+    """evaluate.py's questions (eval.json, about held-out scenes), and the scenes by image name."""
+    scenes = {r["image"]: world.scene_from_json(r) for r in read_json(os.path.join(directory, "scenes.json"))}
     return read_json(os.path.join(directory, "eval.json")), scenes
 
 
@@ -598,7 +592,7 @@ def reading_facts(model, tokenizer, directory, settings, batch=64):
 
 @torch.no_grad()
 def reading_accuracy(model, tokenizer, directory, settings, batch=64):
-    """Held-out exact match per question type and overall: sample.py --eval's questions, with each scene written in
+    """Held-out exact match per question type and overall: evaluate.py's questions, with each scene written in
     words where its image goes, image first, greedy."""
     items, scenes = held_out_questions(directory)
     right, total = {}, {}
@@ -638,43 +632,37 @@ def replace_directory(build, final):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(epilog=__doc__.strip(), formatter_class=help_format)  # flags, then the docstring
-    types = {field.name: field.type for field in dataclasses.fields(Settings)}
-    for group_name, note, explained in explained_fields(Settings):
-        group = parser.add_argument_group(group_name, note or None)
-        for name, explanation in explained:
-            group.add_argument(f"--{name}", type=types[name], default=getattr(Settings, name),
-                               metavar=types[name].__name__.upper(),
-                               help=f"{explanation} (default: {getattr(Settings, name)})".replace("%", "%%"))
-    settings = Settings(**vars(parser.parse_args(argv)))
-    for name in ("threads", "llm_batch", "llm_tokens", "clip_batch"):
-        if getattr(settings, name) < 1:
-            parser.error(f"--{name} {getattr(settings, name)}: it must be at least 1")
-    for name in ("clip_steps", "color_steps", "position_steps", "facts_steps", "llm_steps", "llm_eval_every",
-                 "cell_noise"):
-        if getattr(settings, name) < 0:
-            parser.error(f"--{name} {getattr(settings, name)}: it must not be negative")
+    """Make the bases as the command line says; returns (CLIP's figures, the LLaMA's) for tests."""
+    with flags.one_line_errors("make_bases.py"):
+        given = flags.command_line(Settings, argv, "make_bases.py", "python make_bases.py [--field value ...]", __doc__)
+        return None if given is None else make_bases(checked(Settings(**given)))
+
+
+def checked(settings):
+    """The settings, once every count is in range and the shapes fit together; else one line naming the flag."""
+    flags.at_least(settings, 1, "threads", "llm_batch", "llm_tokens", "clip_batch")
+    flags.at_least(settings, 0, "clip_steps", "color_steps", "position_steps", "facts_steps", "llm_steps",
+                   "llm_eval_every", "cell_noise")
     for width, heads in (("vision_width", "vision_heads"), ("text_width", "text_heads"), ("llm_width", "llm_heads")):
         if getattr(settings, heads) < 1 or getattr(settings, width) % getattr(settings, heads):
-            parser.error(f"--{width} {getattr(settings, width)} --{heads} {getattr(settings, heads)}: the heads must "
-                         "split the width evenly")
+            raise flags.Stop(f"--{width} {getattr(settings, width)} --{heads} {getattr(settings, heads)}: the heads "
+                             "must split the width evenly")
     if (settings.llm_width // settings.llm_heads) % 2:  # rotary embeddings turn pairs of each head's channels
-        parser.error(f"--llm_width {settings.llm_width} --llm_heads {settings.llm_heads}: each head's width must be "
-                     "even")
+        raise flags.Stop(f"--llm_width {settings.llm_width} --llm_heads {settings.llm_heads}: each head's width must "
+                         "be even")
     if settings.llm_kv_heads < 1 or settings.llm_heads % settings.llm_kv_heads:
-        parser.error(f"--llm_kv_heads {settings.llm_kv_heads}: it must divide --llm_heads {settings.llm_heads}")
-    if settings.device not in ("cpu", "cuda"):
-        parser.error(f"--device {settings.device}: it is cpu or cuda")
-    if settings.dtype not in ("float32", "bfloat16"):
-        parser.error(f"--dtype {settings.dtype}: it is float32 or bfloat16")
-    if settings.save_dtype not in ("float16", "bfloat16", "float32"):
-        parser.error(f"--save_dtype {settings.save_dtype}: it is float16, bfloat16 or float32")
+        raise flags.Stop(f"--llm_kv_heads {settings.llm_kv_heads}: it must divide --llm_heads {settings.llm_heads}")
     if settings.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device on this machine")
+        raise flags.Stop("--device cuda: torch sees no CUDA device on this machine")
     try:  # now, not after the CLIP's training
         os.makedirs(settings.out, exist_ok=True)
     except OSError as error:
-        parser.error(f"--out {settings.out}: cannot make it a directory ({error.strerror})")
+        raise flags.Stop(f"--out {settings.out}: cannot make it a directory ({error.strerror})") from None
+    return settings
+
+
+def make_bases(settings):
+    """The tokenizer, the CLIP and the LLaMA, each scored on the stored files, then moved into place whole."""
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     started = time.time()
@@ -706,6 +694,11 @@ def main(argv=None):
     for name in ("clip", "llama"):
         replace_directory(os.path.join(build, name), os.path.join(settings.out, name))
     os.rmdir(build)
+    print_figures(settings, clip_figures, llama_figures, timings, time.time() - started)
+    return clip_figures, llama_figures
+
+
+def print_figures(settings, clip_figures, llama_figures, timings, seconds):
     size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(settings.out) for f in files)
     print(f"CLIP, held out: image->caption top-1 within batches of 256 pairs {clip_figures['retrieval']:.3f}")
     columns = ("occupied", "shape", "color", "size", "cell")
@@ -718,8 +711,7 @@ def main(argv=None):
     if llama_figures["overall"] < 0.98:
         print("  below the 0.98 the shipped bases must reach: do not ship these")
     print(f"wrote {settings.out}/clip and {settings.out}/llama ({size / 1e6:.1f} MB); times: "
-          + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {time.time() - started:.0f}s")
-    return clip_figures, llama_figures
+          + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {seconds:.0f}s")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ Token ids hold one IMAGE_TOKEN_INDEX placeholder per image, at any position; the
 import hashlib
 import json
 import os
+import pickle
+import zipfile
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -239,23 +241,11 @@ class TinyLLaVA(nn.Module):
         """Load one of our checkpoints (ckpt.pt, or a directory holding one) or an HF LLaVA directory."""
         if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
             return cls.from_hf(path, dtype, device)
-        file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{path}: no checkpoint here (expected ckpt.pt or an HF LLaVA directory)")
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-        if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
-            raise ValueError(f"{file}: not a tinyllava checkpoint (no 'config' and 'model' entries)")
+        checkpoint = read_checkpoint(path)
         config = TinyLLaVAConfig(**checkpoint["config"])
-        if config.base and not os.path.exists(resolve(config.base)):
-            raise FileNotFoundError(f"{file}: sits on {config.base}, which is not there")
-        saved = checkpoint.get("bases", {})
-        for name, found in base_fingerprints(config).items():  # trained weights only fit what they were trained on
-            if saved.get(name) != found:
-                path = config.base if name == "base" else getattr(config, f"{name}_path")
-                raise ValueError(f"{file}: was trained on another {name} checkpoint than the one now at {path} "
-                                 f"(fingerprint {saved.get(name)} there, {found} here)")
+        check_bases(checkpoint, path, config.vision_path, config.llm_path)
         model = cls.from_config(config, dtype, device)
-        model.load_trained_weights(checkpoint["model"], source=file)
+        model.load_trained_weights(checkpoint["model"], source=path)
         return model
 
     @classmethod
@@ -421,6 +411,26 @@ def resolve(path):
     return in_repo if os.path.exists(in_repo) else path
 
 
+def read_checkpoint(path, mmap=False):
+    """One of our checkpoints (a ckpt.pt, or the directory holding one), read without pickle: a dict of config, bases
+    (their fingerprints), model (the trained tensors) and whatever training added. mmap: tensors are read from the file
+    only when used. Anything else raises FileNotFoundError or ValueError, naming the path and saying why."""
+    file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path}: " + ("no ckpt.pt in this directory" if os.path.isdir(path) else
+                                               "no such file or directory"))
+    not_ours = f"{file}: not a tinyllava checkpoint"
+    if not zipfile.is_zipfile(file):  # torch.save writes a zip archive
+        raise ValueError(f"{not_ours} (unknown checkpoint format: not a file torch.save wrote)")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{not_ours} ({str(error).splitlines()[0]})") from None
+    if not isinstance(checkpoint, dict) or not {"config", "bases", "model"} <= checkpoint.keys():
+        raise ValueError(f"{not_ours} (no config, bases and model entries)")
+    return checkpoint
+
+
 def fingerprint(path):
     """A short identity of a checkpoint: for an HF directory its config and the first megabyte of its weights, for one
     of ours (ckpt.pt or its directory) its config and the first 4096 values of every trained tensor, hashed.
@@ -432,8 +442,7 @@ def fingerprint(path):
         with open(safetensors_files(path)[0], "rb") as f:
             digest.update(f.read(1 << 20))
         return digest.hexdigest()[:16]
-    file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-    checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)  # reads only what is hashed
+    checkpoint = read_checkpoint(path, mmap=True)  # reads only what is hashed
     digest.update(json.dumps(checkpoint["config"], sort_keys=True).encode())
     for name, tensor in sorted(checkpoint["model"].items()):
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
@@ -445,3 +454,22 @@ def base_fingerprints(config):
     """The identities of what a model's trained weights sit on: its base if it has one, and its towers."""
     found = {"base": fingerprint(resolve(config.base))} if config.base else {}
     return dict(found, vision=fingerprint(resolve(config.vision_path)), llm=fingerprint(resolve(config.llm_path)))
+
+
+def check_bases(checkpoint, source, vision_path, llm_path):
+    """Refuse a checkpoint's trained weights (W; the LLM or its adapters) on other weights than they were trained on:
+    the towers at vision_path and llm_path, and the base a LoRA run sits on, compared by content (fingerprint)."""
+    was = checkpoint["config"]
+    base = was.get("base", "")
+    if base and not os.path.exists(resolve(base)):
+        raise FileNotFoundError(f"{source} sits on {base}, which is not there any more")
+    if base and checkpoint["bases"].get("base") != fingerprint(resolve(base)):
+        raise ValueError(f"{source} sits on {base}, which changed since (by content): its trained weights only fit "
+                         "the base they were trained on")
+    here = {"vision tower": (vision_path, "vision"), "LLM": (llm_path, "llm")}
+    different = [f"the {tower} at {path}" for tower, (path, key) in here.items()
+                 if checkpoint["bases"].get(key) != fingerprint(resolve(path))]
+    if different:
+        raise ValueError(f"{source} was trained on vision tower {was['vision_path']} and LLM {was['llm_path']}, but "
+                         f"{' and '.join(different)} {'differs' if len(different) == 1 else 'differ'} (by content): "
+                         "its trained weights only fit the towers they were trained on")

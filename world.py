@@ -29,7 +29,6 @@ The world directory (one per seed and settings; generated once, then reused):
 Image paths in the JSON files are relative to the world directory. Answers use one fixed phrasing per question type,
 so exact match on held-out questions (`exact_match`) is a meaningful score.
 """
-import argparse
 import functools
 import hashlib
 import json
@@ -42,10 +41,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from PIL import Image, ImageDraw
 
+import flags
 from data import BRIEF_DESCRIPTION_QUESTIONS, DETAILED_DESCRIPTION_QUESTIONS  # the paper's Tables 8 and 9
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -824,7 +824,32 @@ def ensure_world(root=DEFAULT_ROOT, seed=0, n_train=N_TRAIN_IMAGES, n_heldout=N_
     return directory
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Scoring held-out answers.
+# Held-out questions and their scoring.
+
+
+def eval_items(directory, limit=0):
+    """The held-out questions of a world directory's eval.json, checked (ValueError names the file and the item); with
+    a limit, the first questions of each type in turn, so that every type shows."""
+    path = os.path.join(directory, "eval.json")
+    try:
+        with open(path) as f:
+            items = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read the eval questions: {error}") from None
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in
+                                                 ("image", "question", "answer", "type")):
+            raise ValueError(f"{path}: item {index} is not {{id, image, question, answer, type}}: {str(item)[:80]}")
+    if limit:
+        rank, seen = [], Counter()
+        for item in items:
+            rank.append(seen[item["type"]])
+            seen[item["type"]] += 1
+        order = sorted(range(len(items)), key=lambda k: rank[k])  # stable: the file's type order within a rank
+        items = [items[k] for k in sorted(order[:limit])]
+    if not items:
+        raise ValueError(f"{path}: no questions")
+    return items
 
 
 def normalize_answer(text):
@@ -836,23 +861,36 @@ def exact_match(prediction, answer):
     return normalize_answer(prediction) == normalize_answer(answer)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Generate the shapes world and print a summary.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--root", default=DEFAULT_ROOT)
-    parser.add_argument("--choice_answer", choices=CHOICE_ANSWERS, default="letter",
-                        help="how multiple-choice records are answered: the letter (LLaVA-1.5), or the paper's "
-                             "ScienceQA ablation: an explanation then the letter, or the other way round")
-    args = parser.parse_args()
-    cached = world_directory(args.root, args.seed, choice_answer=args.choice_answer).exists()
+@dataclass
+class WorldConfig:
+    # the world: which one, and where it is written
+    seed: int = 0  # the scenes' and the teacher's random seed (train.py's default world is seed 0)
+    root: str = DEFAULT_ROOT  # where world directories are generated, one per seed and settings
+    choice_answer: Literal[CHOICE_ANSWERS] = "letter"  # how multiple-choice records are answered: the letter
+                                                       # (LLaVA-1.5), or the paper's ScienceQA ablation: an explanation
+                                                       # then the letter (reasoning_first), or the other way round
+
+
+def main(argv=None):
+    """Generate the world the flags name (once), print its directory and a summary."""
+    with flags.one_line_errors("world.py"):
+        given = flags.command_line(WorldConfig, argv, "world.py", "python world.py [--field value ...]", __doc__)
+        if given is None:  # --help
+            return
+        config = WorldConfig(**given)
+    cached = world_directory(config.root, config.seed, choice_answer=config.choice_answer).exists()
     started = time.time()
-    world = ensure_world(args.root, args.seed, choice_answer=args.choice_answer)
+    directory = ensure_world(config.root, config.seed, choice_answer=config.choice_answer)
     elapsed = time.time() - started
-    manifest = json.loads((world / "world.json").read_text())
-    print(f"world directory: {world}")
+    manifest = json.loads((directory / "world.json").read_text())
+    print(f"world directory: {directory}")
     print(f"objects per scene: {manifest['objects_per_scene']}")
     for name, n in manifest["files"].items():
         print(f"  {name:18s} {n:7d}")
     for split, tally in manifest["question_types"].items():
         print(f"  {split} question types: " + ", ".join(f"{kind} {n}" for kind, n in tally.items()))
     print("already generated, nothing to do" if cached else f"generated in {elapsed:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

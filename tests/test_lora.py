@@ -11,9 +11,10 @@ import torch
 import transformers
 from safetensors import safe_open
 
+import ask
 import sample
 import train
-from data import load_tokenizer
+from data import load_image, load_tokenizer, question_ids, stop_token_ids
 from helpers import TINY_LLAMA, TINY_VISION, randomize
 from llama import LoRALinear
 from test_tinyllava import NUM_PATCHES, PROMPTS, pixels, tiny_model
@@ -169,7 +170,7 @@ def test_lora_on_our_stage2_checkpoint_sits_on_it_and_is_refused_once_it_changed
     loaded = TinyLLaVA.from_pretrained(str(tmp_path / "lora")).eval()
     assert torch.equal(logits_of(loaded), logits_of(trained.eval()))
     train.main(flags(tiny, tmp_path / "stage2", max_steps=2, seed=1, overwrite=True))  # the base trained again: new weights
-    with pytest.raises(ValueError, match=f"another base checkpoint than the one now at {stage2}"):
+    with pytest.raises(ValueError, match=f"lora sits on {stage2}, which changed since"):
         TinyLLaVA.from_pretrained(str(tmp_path / "lora"))
     with pytest.raises(SystemExit, match=f"ckpt.pt sits on {stage2}, which changed since"):
         train.main(lora_flags(tiny, tmp_path / "lora", init=stage2, max_steps=2, checkpoint_interval=1,
@@ -207,15 +208,15 @@ def test_lora_from_a_transformers_llava_directory_lowers_held_out_loss_and_runs_
     model = TinyLLaVA.from_pretrained(str(tmp_path / "lora")).eval()
     image = str(tiny["world"] / "images" / "val_00000.png")
     tokenizer = load_tokenizer(str(hf_llava))
-    prompt = sample.question_ids("What color is the circle?", tokenizer, "vicuna_v1")
-    pixel_values = sample.to_pixels(model, [sample.load_image(image)], "crop")
-    stops = sample.stop_token_ids(tokenizer, "vicuna_v1")
-    expected = sample.decode_answer(model.generate([prompt], pixel_values, max_new_tokens=6, stop_token_ids=stops)[0]
-                                    .tolist(), tokenizer, stops)
+    prompt = question_ids("What color is the circle?", tokenizer, "vicuna_v1")
+    pixel_values = ask.to_pixels(model, [load_image(image)])  # the checkpoint's crop
+    stops = stop_token_ids(tokenizer, "vicuna_v1")
+    expected = ask.decode_answer(model.generate([prompt], pixel_values, max_new_tokens=6, stop_token_ids=stops)[0]
+                                 .tolist(), tokenizer, stops)
     out = io.StringIO()
     with redirect_stdout(out):
         assert sample.main(["--ckpt", str(tmp_path / "lora"), "--image", image, "--prompt",
-                            "What color is the circle?", "--max_new_tokens", "6"]) == 0
+                            "What color is the circle?", "--max_new_tokens", "6"]) is None
     assert out.getvalue().strip() == expected
 
     # exported merged, transformers computes what the LoRA checkpoint does
@@ -235,7 +236,7 @@ def test_lora_checkpoint_on_an_hf_llava_directory_that_changed_is_refused_naming
     os.link(hf_llava / "tokenizer.json", base / "tokenizer.json")
     train.main(lora_flags(tiny, tmp_path / "lora", towers=False, init=base, max_steps=1))
     randomize(transformers.LlavaForConditionalGeneration.from_pretrained(str(base)), seed=9).save_pretrained(str(base))
-    with pytest.raises(ValueError, match=f"another base checkpoint than the one now at {base}"):
+    with pytest.raises(ValueError, match=f"sits on {base}, which changed since"):
         TinyLLaVA.from_pretrained(str(tmp_path / "lora"))
 
 

@@ -17,10 +17,11 @@ import transformers
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-import sample
+import evaluate
 import tinyllava
 import train
 import world
+from flags import explained_fields, parse as parse_flags
 from helpers import TINY_LLAMA, TINY_VISION, randomize
 from tinyllava import TinyLLaVA
 
@@ -168,8 +169,11 @@ def test_accumulating_micro_batches_takes_the_step_of_the_whole_batch(tiny, tmp_
     for batch_size in (4, 1):
         train.main(flags(tiny, tmp_path / str(batch_size), max_steps=2, batch_size=batch_size))
     one, four = checkpoint(tmp_path / "4"), checkpoint(tmp_path / "1")
+    # AdamW divides each gradient by its own running RMS, so the rounding of a near-zero gradient can move that one
+    # weight by a sizeable part of a step (7e-6 seen on an AVX-512 Xeon, lr 3e-3); a mean of per-micro-batch means
+    # instead moves 99% of W by up to 1.2e-2
     for name in one["model"]:
-        torch.testing.assert_close(one["model"][name], four["model"][name], atol=2e-6, rtol=1e-4)
+        torch.testing.assert_close(one["model"][name], four["model"][name], atol=1e-4, rtol=1e-4)
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in train_log(tmp_path / "1")] == pytest.approx(
             [r[key] for r in train_log(tmp_path / "4")], rel=1e-5)
@@ -336,8 +340,9 @@ def test_stage2_refuses_a_w_aligned_on_another_llm(tiny, tmp_path):
     with pytest.raises(SystemExit) as error:
         train.main(flags(tiny, tmp_path / "stage2", init=init, llm_path=tiny["other_llm"], max_steps=1))
     message = str(error.value)
-    assert f"{init} was aligned on vision tower {tiny['vision']} and LLM {tiny['llm']}" in message
-    assert f"asked to train vision tower {tiny['vision']} and LLM {tiny['other_llm']}: the LLM differs" in message
+    assert f"{init} was trained on vision tower {tiny['vision']} and LLM {tiny['llm']}" in message
+    assert f"but the LLM at {tiny['other_llm']} differs (by content)" in message
+    assert "run stage 1 on these bases, or leave out --init" in message
     assert not (tmp_path / "stage2" / "ckpt.pt").exists()
 
 
@@ -354,7 +359,7 @@ def test_stage2_refuses_a_w_aligned_on_another_llm(tiny, tmp_path):
     (["--stage", "2", "--init", os.path.join(REPO, "tests")], f"--init {REPO}/tests: no ckpt.pt in this directory"),
     (["--stage", "2", "--init", os.path.join(REPO, "README.md")], "README.md: not a tinyllava checkpoint"),
     (["--resume", "--overwrite"], "--resume continues out/stage1/ckpt.pt and --overwrite starts over: give one"),
-    (["--resume"], "--resume: out/stage1/ckpt.pt does not exist"),
+    (["--resume"], "--resume out/stage1/ckpt.pt: no such file or directory"),
 ])
 def test_bad_flags_fail_with_the_flag_named(argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no out/ here
@@ -366,8 +371,9 @@ def test_bad_flags_fail_with_the_flag_named(argv, message, tmp_path, monkeypatch
 
 def test_flags_parse_to_the_field_types(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no out/stage2/ckpt.pt here to refuse to overwrite
-    assert train.parse_flags(["--learning_rate=2e-5", "--resume", "--batch_size", "8", "--compile", "0",
-                              "--vision_feature_layer", "-1", "--fsdp", "--max-steps", "3"]) == dict(
+    argv = ["--learning_rate=2e-5", "--resume", "--batch_size", "8", "--compile", "0", "--vision_feature_layer", "-1",
+            "--fsdp", "--max-steps", "3"]
+    assert parse_flags(train.TrainConfig, argv, "train.py") == dict(
         learning_rate=2e-5, resume=True, batch_size=8, compile=False, vision_feature_layer=-1, fsdp=True, max_steps=3)
     config, _, _ = train.make_config(["--stage=2", "--learning_rate", "1e-4"])
     assert (config.template, config.out_dir, config.learning_rate) == ("vicuna_v1", "out/stage2", 1e-4)
@@ -383,7 +389,7 @@ def test_stage2_runs_300_steps_on_the_world_but_its_epochs_on_your_data_or_when_
 
 
 def test_help_explains_every_field_under_its_group_from_the_comments_in_trainconfig(capsys):
-    groups = train.explained_fields()
+    groups = explained_fields(train.TrainConfig)
     names = [name for name, _, _ in groups]  # these five, in this order, and any a later feature adds
     assert [name for name in names if name in ("model", "data", "optimization", "progress and checkpoints",
                                                "system")] == ["model", "data", "optimization",
@@ -394,6 +400,7 @@ def test_help_explains_every_field_under_its_group_from_the_comments_in_traincon
     assert train.main(["--help"]) is None
     printed = capsys.readouterr().out
     flat = " ".join(printed.split())  # argparse wraps the columns
+    flat = flat[flat.index("model: what trains"):]  # the flags, after the docstring
     for name, text in explained.items():
         assert f"--{name} " in printed and " ".join(text.split()) in flat, name
     # the defaults, per stage where the stage sets them, and the explanations a short run needs
@@ -454,15 +461,15 @@ def test_eval_questions_logs_the_held_out_accuracy_at_step_0_and_each_eval_for_s
     def judge(prediction, answer):  # "right" when the expected answer names a color: a share known beforehand
         asked.append(answer)
         return any(color in answer for color in world.COLORS)
-    monkeypatch.setattr(sample, "exact_match", judge)
+    monkeypatch.setattr(world, "exact_match", judge)
     train.main(flags(tiny, tmp_path, max_steps=2, eval_interval=1, data_path="", val_data_path="",
                      eval_questions=5))
-    items = sample.eval_items(str(tiny["world"]), 5)
+    items = world.eval_items(str(tiny["world"]), 5)
     expected = sum(any(color in item["answer"] for color in world.COLORS) for item in items) / 5
     assert len(items) == 5 and 0 < expected < 1 and asked[:5] == [item["answer"] for item in items]
     assert [(r["step"], r["accuracy"]) for r in train_log(tmp_path, "eval") if "accuracy" in r] == \
         [(0, expected), (1, expected), (2, expected)]
-    sample.main(["--plot", str(tmp_path / "log.jsonl"), "--png", str(tmp_path / "curve.png")])
+    evaluate.main(["--plot", str(tmp_path / "log.jsonl"), "--png", str(tmp_path / "curve.png")])
     assert Image.open(tmp_path / "curve.png").size == (720, 440)
     with pytest.raises(SystemExit, match="--eval_questions 5: the held-out accuracy is measured in stage 2"):
         train.main(flags(tiny, tmp_path / "s1", stage=1, max_steps=1, eval_questions=5))
@@ -555,7 +562,7 @@ def test_weight_decay_spares_biases_and_norm_weights(tiny):
 
 def test_default_tiny_pipeline_runs_from_the_command_line(tiny, tmp_path):
     """The CI's shortened pipeline: stage 1 then stage 2 --init on the shapes world, a few steps each, with the
-    shipped bases (the tiny test bases until bases/ exists), then sample.py's held-out eval of the result."""
+    shipped bases (the tiny test bases until bases/ exists), then evaluate.py's held-out eval of the result."""
     shipped = all(os.path.isfile(os.path.join(REPO, "bases", name, "config.json")) for name in ("clip", "llama"))
     bases = [] if shipped else [f"--vision_path={tiny['vision']}", f"--llm_path={tiny['llm']}"]
     short = ["--max_steps=2", "--global_batch_size=4", "--batch_size=2", "--eval_samples=4", "--log_interval=1"]
@@ -568,7 +575,7 @@ def test_default_tiny_pipeline_runs_from_the_command_line(tiny, tmp_path):
         assert "step 2/2" in result.stdout and "done: 2 steps" in result.stdout
     model = TinyLLaVA.from_pretrained(str(tmp_path / "stage2" / "ckpt.pt"))
     assert model.config.template == "vicuna_v1"
-    command = [sys.executable, os.path.join(REPO, "sample.py"), "--eval", f"--ckpt={tmp_path}/stage2/ckpt.pt",
+    command = [sys.executable, os.path.join(REPO, "evaluate.py"), f"--ckpt={tmp_path}/stage2/ckpt.pt",
                "--limit=14"]  # and the held-out eval, two questions of each type
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -1,0 +1,602 @@
+"""
+Evaluate a trained tinyllava model: the shapes world's held-out questions (exact match per question type), LLaVA's
+question files answered into its answer files and scored by each benchmark's own rules, what the image tokens read as,
+and the learning curves train.py logs.
+
+Examples:
+
+    python evaluate.py                                                  # the world's held-out questions, out/stage2
+    python evaluate.py --ckpt out/stage1 --template vicuna_v1           # stage 1 alone, asked zero-shot
+    python evaluate.py --limit 70                                       # 70 questions, spread over the types
+    python evaluate.py --read_image photo.png                           # what each image token reads as
+    python evaluate.py --questions q.jsonl --answers a.jsonl --image_folder DIR   # LLaVA's question file -> answers
+    python evaluate.py --questions q.jsonl --answers a.jsonl --num_chunks 8 --chunk_idx 0  # one eighth of it
+    python evaluate.py --score short --answers a.jsonl --truth t.jsonl  # VQAv2/GQA-style short answers
+    python evaluate.py --score choice --answers a.jsonl --truth t.jsonl  # ScienceQA/MMBench letters
+    python evaluate.py --score pope --answers a.jsonl --truth t.jsonl   # POPE yes/no, per negative sampling
+    python evaluate.py --plot out/stage2-curve/log.jsonl --png curve.png  # held-out accuracy against the step
+
+The model is chosen as sample.py chooses it: --ckpt, --hf, or out/stage2, else out/stage1. LLaVA's evaluation files
+are read and written as its model_vqa.py does (question lines {"question_id", "image", "text"[, "category"]}, a line
+without "image" asked without one; answer lines {"question_id", "prompt", "text", "answer_id", "model_id",
+"metadata"}), greedily, the image before the question. Results go to stdout, progress to stderr.
+"""
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+import ask
+import flags
+import world
+from data import ImageError, load_image, question_ids
+
+USAGE = ("python evaluate.py [--ckpt PATH] [--limit N]   |   --questions FILE --answers FILE   |   --score KIND "
+         "--answers FILE --truth PATH   |   --read_image FILE ...   |   --plot LOG ... --png FILE")
+
+
+@dataclass
+class EvalConfig(ask.ModelFlags):
+    # the world's eval (what runs when no other mode is given): its held-out questions, exact match per type
+    world: str = ""  # a world directory holding eval.json ("": the default shapes world, generated on first use)
+    limit: int = 0  # only this many questions, taken evenly across the question types (0: all)
+    # LLaVA's evaluation files: questions in, answers out, scored by the benchmarks' rules
+    questions: str = ""  # answer this question file: JSON lines {question_id, image (absent: text-only), text[,
+                         # category]}, or a LLaVA JSON list of records (ScienceQA's llava_test_CQM-A.json); with
+                         # --score pope, the question file a POPE annotation directory is read against
+    answers: str = ""  # the answer file --questions appends to (a killed run resumes: question ids already in it
+                       # are skipped) and --score reads
+    image_folder: str = ""  # the folder the question file's image paths are relative to ("": the file's own)
+    num_chunks: int = 1  # split the questions into this many contiguous chunks, as LLaVA does
+    chunk_idx: int = 0  # answer this chunk of them, 0-based
+    max_bad_fraction: float = 0.01  # stop once more than this share of the questions is bad (a malformed line, a
+                                    # missing image); each is reported and skipped
+    score: Literal["short", "choice", "pope"] | None = None  # score --answers against --truth by a benchmark's rule:
+                                                             # short (GQA: lowercase, no trailing period, exact
+                                                             # match), choice (ScienceQA: the letter alone, 'X. ...'
+                                                             # or 'The answer is X.'; anything else fails), pope (the
+                                                             # first sentence: no/not means no)
+    truth: str = ""  # the answer key: JSON lines {question_id, answer or label[, category]}, a JSON object by
+                     # question id (GQA's questions file, ScienceQA's problems.json), or POPE's annotation directory
+                     # of coco_pope_{category}.json files (with --questions, whose order pairs questions and labels)
+    # what the image tokens read as, and the learning curves
+    read_image: list[str] = field(default_factory=list)  # show, for each of these image files, what each image token
+                                                         # reads as in the LLM's word embeddings, as a grid: the
+                                                         # nearest cell the tiny bases' scene words can write, else
+                                                         # the nearest word
+    plot: list[str] = field(default_factory=list)  # draw the held-out accuracy train.py logged (--eval_questions)
+                                                   # against the step, one curve per log.jsonl (labelled by its
+                                                   # directory), into --png
+    png: str = "curve.png"  # the picture --plot draws
+    # generation
+    max_new_tokens: int = 256  # most tokens per answer
+    batch_size: int = 32  # questions (or images) per generate call
+
+
+# What each mode reads, beyond the model flags for the modes that load a model; any other flag given is refused.
+MODES = {"score": {"score", "answers", "truth", "questions"}, "plot": {"plot", "png"},
+         "questions": {"questions", "answers", "image_folder", "num_chunks", "chunk_idx", "max_bad_fraction",
+                       "max_new_tokens", "batch_size"},
+         "read_image": {"read_image", "batch_size"}, "world": {"world", "limit", "max_new_tokens", "batch_size"}}
+MODEL_FLAGS = {f.name for f in dataclasses.fields(ask.ModelFlags)}
+
+
+def main(argv=None):
+    """Evaluate as the command line says; a mistake ends it with one line (flags.one_line_errors)."""
+    with flags.one_line_errors("evaluate.py", expected=(ImageError,)):
+        given = flags.command_line(EvalConfig, argv, "evaluate.py", USAGE, __doc__)
+        if given is None:  # --help
+            return
+        config, mode = checked(EvalConfig(**given), given)
+        if mode == "score":
+            print(f"accuracy: {score(config.score, config.answers, config.truth, questions=config.questions):.4f}")
+        elif mode == "plot":
+            plot_curves(config.plot, config.png)
+            print(f"wrote {config.png}", file=sys.stderr)
+        elif mode == "questions":
+            answer_question_file(config)
+        elif mode == "read_image":
+            images = [load_image(path) for path in config.read_image]  # before the model: a typo costs no load
+            model, tokenizer = ask.load(config)
+            pixel_values = ask.to_pixels(model, images)
+            for name, readings in zip(config.read_image, read_image_tokens(model, tokenizer, pixel_values)):
+                print(f"{name}: what each image token reads as, row by row\n{draw_grid(readings)}")
+        else:
+            world_eval(config)
+
+
+def checked(config, given):
+    """(config, mode) once the flags make sense together: the mode is --score, --plot, --questions or --read_image
+    if given (in that order), else the world's eval; a flag the mode does not read is refused, naming it."""
+    mode = next((mode for mode in ("score", "plot", "questions", "read_image") if mode in given), "world")
+    allowed = MODES[mode] | (MODEL_FLAGS if mode in ("questions", "read_image", "world") else set())
+    stray = [f"--{key}" for key in given if key not in allowed]
+    if stray:
+        what = "the world's eval" if mode == "world" else f"--{mode}"
+        raise flags.Stop(f"{', '.join(stray)} {'does' if len(stray) == 1 else 'do'} not go with {what}; python "
+                         "evaluate.py --help says which flags each mode reads")
+    if mode == "score" and not (config.answers and config.truth):
+        raise flags.Stop("--score reads --answers FILE and --truth FILE")
+    if mode == "questions" and not config.answers:
+        raise flags.Stop("--questions writes its answers to --answers FILE")
+    flags.at_least(config, 1, "max_new_tokens", "batch_size", "num_chunks")
+    flags.at_least(config, 0, "limit", "threads")
+    if not 0 <= config.chunk_idx < config.num_chunks:
+        raise flags.Stop(f"--chunk_idx {config.chunk_idx} must be in [0, --num_chunks {config.num_chunks})")
+    if not 0 <= config.max_bad_fraction <= 1:
+        raise flags.Stop(f"--max_bad_fraction must be in [0, 1], got {config.max_bad_fraction}")
+    for flag in ("answers", "truth", "questions") if mode == "score" else ():
+        if getattr(config, flag) and not os.path.exists(getattr(config, flag)):
+            raise flags.Stop(f"--{flag} {getattr(config, flag)}: no such file")
+    return config, mode
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The world's held-out eval
+
+
+def world_eval(config):
+    """The world's eval.json questions (all, or --limit of them), answered greedily, scored by exact match; a table per
+    type, the share of image tokens read as their cell, and 'accuracy: <fraction>' last."""
+    directory = config.world or world.ensure_world()
+    try:
+        items = world.eval_items(directory, config.limit)
+    except ValueError as error:
+        raise flags.Stop(str(error)) from None
+    images = [load_image(os.path.join(directory, item["image"])) for item in items]
+    model, tokenizer = ask.load(config)
+    print(f"eval: {len(items)} questions from {os.path.join(directory, 'eval.json')}", file=sys.stderr)
+    accuracy = exact_match_table(model, tokenizer, items, images, config.batch_size, config.max_new_tokens)
+    share = share_read_right(model, tokenizer, directory, sorted({item["image"] for item in items}),
+                             config.batch_size)
+    if share is not None:
+        print(f"image tokens read as their cell (nearest cell of the LLM's scene words): {share:.4f}")
+    print(f"accuracy: {accuracy:.4f}")
+
+
+def exact_match_table(model, tokenizer, items, images, batch_size, max_new_tokens, out=None):
+    """Greedy answers to the items' questions, image first, in batches, with a progress line on stderr after each;
+    exact match per question type and overall, printed as a table. Returns the overall accuracy."""
+    out = out or sys.stdout
+    correct, total, started = Counter(), Counter(), time.time()
+    answers = ask.answer_batches(model, tokenizer, [item["question"] for item in items], images, batch_size,
+                                 max_new_tokens)
+    for start, texts in zip(range(0, len(items), batch_size), answers):
+        for item, text in zip(items[start:], texts):
+            total[item["type"]] += 1
+            correct[item["type"]] += world.exact_match(text, item["answer"])
+        print(f"eval: {min(start + batch_size, len(items))}/{len(items)} questions, {sum(correct.values())} right, "
+              f"{time.time() - started:.1f}s", file=sys.stderr)
+    for kind in total:
+        print(f"{kind:<20} {correct[kind]:>5}/{total[kind]:<5} {correct[kind] / total[kind]:.4f}", file=out)
+    accuracy = sum(correct.values()) / len(items)
+    print(f"{'overall':<20} {sum(correct.values()):>5}/{len(items):<5} {accuracy:.4f}", file=out)
+    return accuracy
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What the image tokens read as: H_v = W · Z_v against the LLM's word embeddings
+
+
+def reading_vocabulary(model, tokenizer):
+    """(names, vectors) the image tokens are read against. With the tiny bases' scene words in the vocabulary: every
+    cell they can write (cell, background, then 'empty' or size color shape), as the mean of its words' embeddings,
+    exactly as the LLM was pretrained to read a cell. Otherwise every single token of the vocabulary."""
+    table = model.llm.embed_tokens.weight.detach().float()
+    if not has_scene_words(tokenizer):
+        return [tokenizer.id_to_token(i) for i in range(len(table))], table
+    cells = world.possible_cells()
+    return cells, torch.stack([table[world.cell_word_ids(cell, tokenizer)].mean(0) for cell in cells])
+
+
+def has_scene_words(tokenizer):
+    """Whether the tokenizer writes every cell of the shapes world in single tokens (the tiny bases' does)."""
+    return tokenizer.token_to_id(world.SCENE_TOKENS[0]) is not None and \
+        all(world.cell_word_ids(cell, tokenizer) is not None for cell in world.possible_cells())
+
+
+def read_image_tokens(model, tokenizer, pixel_values):
+    """For each image (N, 3, S, S), what each of its tokens reads as: the nearest entry of reading_vocabulary by
+    cosine similarity, [N][tokens]."""
+    names, vectors = reading_vocabulary(model, tokenizer)
+    with torch.no_grad():
+        tokens = model.image_features(pixel_values).float()  # (N, num_image_tokens, D): H_v = W · Z_v
+    similarity = torch.nn.functional.normalize(tokens, dim=-1) @ torch.nn.functional.normalize(vectors, dim=-1).T
+    return [[names[k] for k in row] for row in similarity.argmax(-1).tolist()]  # (N, num_image_tokens)
+
+
+def draw_grid(readings):
+    """The readings of one image's tokens as a square grid of text, row by row."""
+    side = int(len(readings) ** 0.5)
+    texts = [" ".join(reading) if isinstance(reading, list) else reading for reading in readings]
+    width = max(map(len, texts)) + 2
+    rule = "+" + "+".join(["-" * width] * side) + "+"
+    lines = [rule]
+    for row in range(0, len(texts) - len(texts) % side or len(texts), side):
+        lines += ["|" + "|".join(f" {text:<{width - 1}}" for text in texts[row:row + side]) + "|", rule]
+    return "\n".join(lines)
+
+
+def share_read_right(model, tokenizer, world_dir, image_names, batch_size):
+    """Of the image tokens of these world images, the share whose reading is exactly their cell (cell name,
+    background, content), or None when the LLM has no scene words."""
+    if not has_scene_words(tokenizer):
+        return None
+    with open(os.path.join(world_dir, "scenes.json")) as f:
+        scenes = {record["image"]: world.scene_from_json(record) for record in json.load(f)}
+    right = total = 0
+    for start in range(0, len(image_names), batch_size):
+        names = image_names[start:start + batch_size]
+        pixel_values = ask.to_pixels(model, [load_image(os.path.join(world_dir, name)) for name in names])
+        for name, readings in zip(names, read_image_tokens(model, tokenizer, pixel_values)):
+            truth = world.cell_attributes(scenes[name])
+            right += sum(reading == cell for reading, cell in zip(readings, truth))
+            total += len(truth)
+    return right / total
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LLaVA's evaluation files: question lines in, answer lines out (as llava/eval/model_vqa.py), resumable and chunked
+
+
+def answer_question_file(config):
+    """Answer --questions' chunk into --answers, after the question ids already there; bad lines are reported and
+    skipped, and the run stops once more than --max_bad_fraction of the questions were bad."""
+    questions, bad = read_questions(config.questions)
+    for message in bad[:10]:
+        print(f"skipped: {message}", file=sys.stderr)
+    total = len(questions) + len(bad)
+    if len(bad) > config.max_bad_fraction * total:
+        raise flags.Stop(f"{len(bad)} bad lines of {total} in {config.questions}, more than --max_bad_fraction "
+                         f"{config.max_bad_fraction}; first: {bad[0]}")
+    mine = chunk(questions, config.num_chunks, config.chunk_idx)
+    done = answered_ids(config.answers)
+    todo = [(number, q) for number, q in mine if q["question_id"] not in done]
+    print(f"questions: {len(mine)} in chunk {config.chunk_idx} of {config.num_chunks} from {config.questions}, "
+          f"{len(mine) - len(todo)} already in {config.answers}, {len(todo)} to answer", file=sys.stderr)
+    if not todo:
+        return
+    path = ask.find_model(config)
+    model, tokenizer = ask.load(config, path)
+    image_folder = config.image_folder or os.path.dirname(os.path.abspath(config.questions))
+    answer_file(model, tokenizer, todo, image_folder, ask.model_id(path), config, bad)
+
+
+def read_questions(path):
+    """[(line number, {question_id, image or None, text, category or None})] of a question file, and the bad lines
+    as messages. JSON lines, or a JSON list of LLaVA records (the question is the first human turn, <image> taken
+    out)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = f.read()
+    except OSError as error:
+        raise flags.Stop(f"--questions {path}: {error.strerror}") from None
+    if content.lstrip().startswith("["):  # a LLaVA JSON list (ScienceQA's llava_test_CQM-A.json)
+        try:
+            lines = [(k + 1, {"question_id": r.get("id"), "image": r.get("image"), "category": r.get("category"),
+                              "text": r["conversations"][0]["value"].replace("<image>", "").strip()})
+                     for k, r in enumerate(json.loads(content))]
+        except (json.JSONDecodeError, AttributeError, KeyError, IndexError, TypeError) as error:
+            raise flags.Stop(f"--questions {path}: not a JSON list of LLaVA records ({error})") from None
+    else:
+        lines = []
+        for number, line in enumerate(content.splitlines(), 1):
+            if line.strip():
+                try:
+                    lines.append((number, json.loads(line)))
+                except json.JSONDecodeError as error:
+                    lines.append((number, f"not JSON ({error.msg})"))
+    questions, bad, seen = [], [], set()
+    for number, line in lines:
+        if isinstance(line, dict) and line.get("question_id") is not None and isinstance(line.get("text"), str) \
+                and isinstance(line.get("image") or "", str) and line["question_id"] not in seen:
+            seen.add(line["question_id"])
+            questions.append((number, {"question_id": line["question_id"], "image": line.get("image") or None,
+                                       "text": line["text"], "category": line.get("category")}))
+        else:
+            reason = line if isinstance(line, str) else "a repeated question_id" if isinstance(line, dict) and \
+                line.get("question_id") in seen else "not {question_id, text[, image, category]}"
+            bad.append(f"{path}:{number}: {reason}")
+    return questions, bad
+
+
+def chunk(items, num_chunks, index):
+    """Chunk `index` of `num_chunks` contiguous chunks of ceil(len / num_chunks) items (LLaVA's split_list)."""
+    size = -(-len(items) // num_chunks)
+    return items[index * size:(index + 1) * size]
+
+
+def answered_ids(path):
+    """The question ids already in an answer file: a run killed halfway goes on after them. A last line the kill cut
+    short is removed first (its question is asked again), so that appending starts on a line of its own."""
+    if not os.path.isfile(path):
+        return set()
+    with open(path, "rb+") as f:
+        content = f.read()
+        if content and not content.endswith(b"\n"):
+            whole = content.rfind(b"\n") + 1  # the end of the last whole line
+            f.truncate(whole)
+            print(f"{path}: removed a last line cut short: {content[whole:][:60]!r}", file=sys.stderr)
+            content = content[:whole]
+    done = set()
+    for number, line in enumerate(content.decode("utf-8").splitlines(), 1):
+        try:
+            done.add(json.loads(line)["question_id"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise flags.Stop(f"--answers {path}:{number}: not an answer line; give another --answers file") from None
+    return done
+
+
+def batch_images(questions, image_folder, config, bad, total):
+    """(the questions whose image loaded, or that have none; the images, in order). A missing image is reported with
+    its line, added to `bad`, and its question skipped; past max_bad_fraction of `total` the run stops."""
+    kept, images = [], []
+    for number, question in questions:
+        if question["image"] is not None:
+            try:
+                images.append(load_image(os.path.join(image_folder, question["image"])))
+            except ImageError as error:
+                bad.append(f"{config.questions}:{number}: {error}")
+                print(f"skipped: {bad[-1]}", file=sys.stderr)
+                if len(bad) > config.max_bad_fraction * total:
+                    raise flags.Stop(f"{len(bad)} bad questions of {total} in {config.questions}, more than "
+                                     f"--max_bad_fraction {config.max_bad_fraction}; first: {bad[0]}") from None
+                continue
+        kept.append(question)
+    return kept, images
+
+
+def answer_file(model, tokenizer, questions, image_folder, model_name, config, bad):
+    """Answer the questions greedily in batches (the image before the question, as model_vqa; text-only ones without
+    one), appending each batch's answer lines to --answers as it is done, with an ETA."""
+    total, started = len(questions) + len(bad), time.time()
+    with open(config.answers, "a", encoding="utf-8") as out:
+        for start in range(0, len(questions), config.batch_size):
+            batch, images = batch_images(questions[start:start + config.batch_size], image_folder, config, bad, total)
+            for has_image in (True, False):  # a batch of one kind: images spliced in order, or none at all
+                group = [q for q in batch if (q["image"] is not None) == has_image]
+                if not group:
+                    continue
+                prompts = [question_ids(q["text"], tokenizer, model.config.template, image=has_image) for q in group]
+                texts = ask.greedy_answers(model, tokenizer, prompts, ask.to_pixels(model, images) if has_image
+                                           else None, config.max_new_tokens, f"question {group[0]['question_id']}")
+                for question, text in zip(group, texts):
+                    out.write(json.dumps({"question_id": question["question_id"], "prompt": question["text"],
+                                          "text": text, "answer_id": uuid.uuid4().hex[:22], "model_id": model_name,
+                                          "metadata": {"category": question["category"]} if question["category"]
+                                          else {}}) + "\n")
+            out.flush()
+            done, elapsed = min(start + config.batch_size, len(questions)), time.time() - started
+            print(f"answers: {done}/{len(questions)}, {elapsed:.0f}s, ETA "
+                  f"{elapsed / done * (len(questions) - done):.0f}s", file=sys.stderr)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scoring answer files by the benchmarks' rules
+
+
+def read_truth(path, questions=None):
+    """{question_id: (answer, category or None)} from JSON lines {question_id, answer or label[, category]}, or from
+    a JSON object by question id ({"answer": ...}: GQA's questions file; ScienceQA's problems.json, whose answer is
+    the index of the right choice), or from POPE's annotation directory (read_pope_truth)."""
+    if os.path.isdir(path):
+        return read_pope_truth(path, questions)
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = f.read()
+        try:
+            whole = json.loads(content)
+        except json.JSONDecodeError:
+            whole = None  # JSON lines
+        if isinstance(whole, dict) and "question_id" not in whole:
+            return {key: (chr(ord("A") + v["answer"]) if isinstance(v["answer"], int) else v["answer"],
+                          v.get("category") or v.get("split")) for key, v in whole.items()}
+        truth = {}
+        for line in filter(str.strip, content.splitlines()):
+            record = json.loads(line)
+            truth[record["question_id"]] = (record["answer"] if "answer" in record else record["label"],
+                                            record.get("category"))
+        return truth
+    except OSError as error:
+        raise flags.Stop(f"--truth {path}: {error.strerror}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise flags.Stop(f"--truth {path}: not an answer key ({type(error).__name__}: {error})") from None
+
+
+def read_pope_truth(directory, questions):
+    """POPE's key as eval_pope.py reads it: coco_pope_{category}.json holds one label line per question of that
+    category, in the order of the question file (whose question ids are unique; the label files' are not)."""
+    if not questions:
+        raise flags.Stop(f"--truth {directory}: a POPE annotation directory needs --questions (the question file "
+                         "llava_pope_test.jsonl), whose categories and order pair each question with its label")
+    order = defaultdict(list)  # category -> question ids, in the question file's order
+    with open(questions, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for number, line in enumerate(filter(str.strip, lines), 1):
+        try:
+            record = json.loads(line)
+            order[record["category"]].append(record["question_id"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise flags.Stop(f"--questions {questions}:{number}: not a POPE question line") from None
+    truth = {}
+    for category, ids in order.items():
+        path = os.path.join(directory, f"coco_pope_{category}.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                labels = [json.loads(line)["label"] for line in filter(str.strip, f)]
+        except OSError as error:
+            raise flags.Stop(f"--truth {path}: {error.strerror} (category {category!r} of --questions)") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise flags.Stop(f"--truth {path}: not a POPE label file ({type(error).__name__}: {error})") from None
+        if len(labels) != len(ids):
+            raise flags.Stop(f"--truth {path}: {len(labels)} labels for the {len(ids)} {category!r} questions of "
+                             f"--questions {questions}")
+        truth.update({key: (label, category) for key, label in zip(ids, labels)})
+    return truth
+
+
+def short_answer(text):
+    """GQA's conversion (convert_gqa_for_eval.py): lowercase, the trailing period dropped."""
+    text = text.strip().lower()
+    return text[:-1] if text.endswith(".") else text
+
+
+def choice_letter(text):
+    """ScienceQA's extraction (eval_science_qa.py): the bare letter, 'X. ...', or 'The answer is X.'; else None
+    (FAILED, counted wrong)."""
+    text = text.strip()
+    if re.fullmatch(r"[A-Z]", text):
+        return text
+    if re.match(r"[A-Z]\. ", text):
+        return text[0]
+    found = re.findall(r"The answer is ([A-Z])\.", text)
+    return found[0] if len(found) == 1 else None
+
+
+def yes_or_no(text):
+    """POPE's reading (eval_pope.py): the first sentence, commas dropped; 'no' if a word is No, no or not."""
+    words = text.split(".")[0].replace(",", "").split()
+    return "no" if {"No", "no", "not"} & set(words) else "yes"
+
+
+def read_answers(path):
+    """{question_id: answer line} of an answer file."""
+    answers = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(filter(str.strip, f), 1):
+            try:
+                record = json.loads(line)
+                answers[record["question_id"]] = record
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise flags.Stop(f"--answers {path}:{number}: not an answer line") from None
+    if not answers:
+        raise flags.Stop(f"--answers {path}: no answer lines to score")
+    return answers
+
+
+def score(kind, answers_path, truth_path, out=None, questions=None):
+    """Score an answer file: a table per category (POPE: accuracy, precision, recall, F1, yes-ratio), then the share
+    of answers in the asked format; returns the overall accuracy. questions: the question file, for a POPE
+    annotation directory as truth_path."""
+    out = out or sys.stdout
+    if os.path.isdir(truth_path) and kind != "pope":
+        raise flags.Stop(f"--truth {truth_path}: a directory is read only as POPE's annotation directory "
+                         "(--score pope)")
+    truth, answers = read_truth(truth_path, questions), read_answers(answers_path)
+    unknown = [key for key in answers if key not in truth]
+    if unknown:
+        raise flags.Stop(f"--answers {answers_path}: {len(unknown)} question ids are not in --truth {truth_path}, "
+                         f"e.g. {unknown[0]!r}")
+    groups, failed = defaultdict(list), Counter()  # category -> [(predicted, right answer)]; failed extractions
+    for key, record in answers.items():
+        right, category = truth[key]
+        category = category or record.get("metadata", {}).get("category") or "all"
+        if kind == "short":
+            predicted, right = short_answer(record["text"]), short_answer(right)
+        elif kind == "choice":
+            predicted = choice_letter(record["text"])
+            failed[category] += predicted is None
+        else:
+            predicted, right = yes_or_no(record["text"]), right.strip().lower()
+        groups[category].append((predicted, right))
+    groups["overall"] = [pair for category in sorted(groups) for pair in groups[category]]
+    failed["overall"] = sum(failed.values())
+    missing = len(truth) - len(answers)
+    print(f"{len(answers)} answers scored" + (f"; {missing} questions of the key have no answer" if missing else ""),
+          file=out)
+    print_score_table(kind, groups, failed, out)
+    print(format_compliance(kind, groups["overall"], [record["text"] for record in answers.values()]), file=out)
+    return sum(p == t for p, t in groups["overall"]) / len(groups["overall"])
+
+
+def print_score_table(kind, groups, failed, out):
+    """One row per category: right, n, accuracy (and failed extractions for choice); POPE: n, accuracy, precision,
+    recall, F1 and the share of yes answers."""
+    if kind == "pope":
+        print(f"{'category':<14} {'n':>6} {'accuracy':>9} {'precision':>10} {'recall':>8} {'F1':>8} {'yes':>8}",
+              file=out)
+    else:
+        print(f"{'category':<20} {'right':>6} {'n':>6} {'accuracy':>9}" + ("  failed" if kind == "choice" else ""),
+              file=out)
+    for category, pairs in groups.items():
+        right = sum(p == t for p, t in pairs)
+        if kind == "pope":
+            tp = sum(p == t == "yes" for p, t in pairs)
+            precision = tp / max(1, sum(p == "yes" for p, _ in pairs))
+            recall = tp / max(1, sum(t == "yes" for _, t in pairs))
+            f1 = 2 * precision * recall / max(1e-9, precision + recall)
+            print(f"{category:<14} {len(pairs):>6} {right / len(pairs):>9.4f} {precision:>10.4f} {recall:>8.4f} "
+                  f"{f1:>8.4f} {sum(p == 'yes' for p, _ in pairs) / len(pairs):>8.4f}", file=out)
+        else:
+            print(f"{category:<20} {right:>6} {len(pairs):>6} {right / len(pairs):>9.4f}"
+                  + (f"  {failed[category]:>6}" if kind == "choice" else ""), file=out)
+
+
+def format_compliance(kind, pairs, texts):
+    """The share of answers in the response format the prompt asked for, right or wrong: a word or phrase among the
+    key's answers (short), a bare letter (choice), a first sentence that is yes or no (pope)."""
+    if kind == "short":
+        vocabulary = {right for _, right in pairs}
+        n, what = sum(predicted in vocabulary for predicted, _ in pairs), "a word or phrase among the key's answers"
+    elif kind == "choice":
+        n, what = sum(bool(re.fullmatch(r"[A-Z]", text.strip())) for text in texts), "a bare letter"
+    else:
+        n = sum(text.split(".")[0].replace(",", " ").split()[:1] in (["Yes"], ["No"], ["yes"], ["no"]) for text in texts)
+        what = "yes or no first"
+    return f"format: {n} of {len(texts)} answers ({n / max(1, len(texts)):.1%}) are {what}"
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Learning curves: held-out accuracy against the step, from train.py's logs
+
+
+def read_curve(path):
+    """(the run's name: its directory, [(step, accuracy)]) of a train.py log.jsonl's held-out accuracies."""
+    try:
+        with open(path) as f:
+            points = [(r["step"], r["accuracy"]) for r in map(json.loads, f) if "accuracy" in r]
+    except (OSError, json.JSONDecodeError, KeyError) as error:
+        raise flags.Stop(f"--plot {path}: cannot read a train.py log ({error})") from None
+    if not points:
+        raise flags.Stop(f"--plot {path}: no held-out accuracy logged (train stage 2 with --eval_questions N)")
+    return os.path.basename(os.path.dirname(os.path.abspath(path))), points
+
+
+def plot_curves(logs, png, size=(720, 440), margin=60):
+    """Each log.jsonl's held-out accuracies as one curve (step on x, accuracy 0..1 on y), drawn into a PNG."""
+    from PIL import Image, ImageDraw
+    curves = [read_curve(path) for path in logs]
+    width, height = size
+    last = max(step for _, points in curves for step, _ in points)
+    to_xy = lambda step, accuracy: (margin + (width - 2 * margin) * step / last,
+                                    height - margin - (height - 2 * margin) * accuracy)
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    for tick in range(0, 11, 2):  # the accuracy grid, 0 to 1
+        x0, y = to_xy(0, tick / 10)
+        draw.line([(x0, y), (width - margin, y)], fill=(225, 225, 225))
+        draw.text((10, y - 6), f"{tick / 10:.1f}", fill="black")
+    draw.line([to_xy(0, 0), to_xy(last, 0)], fill="black")
+    draw.line([to_xy(0, 0), to_xy(0, 1)], fill="black")
+    for step in (0, last // 2, last):
+        x, y = to_xy(step, 0)
+        draw.text((x - 10, y + 8), str(step), fill="black")
+    draw.text((width // 2 - 60, height - 25), "stage-2 optimizer step", fill="black")
+    draw.text((margin, 15), "held-out exact-match accuracy", fill="black")
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+    for k, (label, points) in enumerate(curves):
+        color = colors[k % len(colors)]
+        draw.line([to_xy(*point) for point in points], fill=color, width=3)
+        for point in points:
+            x, y = to_xy(*point)
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
+        draw.text((width - margin - 150, height - margin - 20 - 16 * (len(curves) - k)),
+                  f"{label}: {points[-1][1]:.3f}", fill=color)
+    image.save(png)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""
+Where a training run executes, for train.py: its processes (one, or many under torchrun with DDP or FSDP), its device
+and precision, and the model wrapped for them.
+
+    runtime = start_processes(config)      # joins torchrun's process group if there is one; picks device and dtype
+    model = wrap(model, config, runtime)   # DDP or FSDP across processes; the model itself for one
+    unwrap(model)                          # the TinyLLaVA inside any wrapper
+"""
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from flags import Stop
+from llama import Block
+
+@dataclass
+class Runtime:
+    """Where this process trains: its device, its autocast dtype (None: float32) and its place among the processes."""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    autocast_dtype: torch.dtype | None = None
+    rank: int = 0
+    world_size: int = 1
+    distributed: bool = False  # under torchrun: a process group exists and gradients are averaged over it
+    fsdp: bool = False
+    pad_token_id: int = 0
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def start_processes(config):
+    """Join the process group when run by torchrun (NCCL on GPUs, gloo on CPUs); pick the device and precision."""
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        raise Stop("--device cuda, but torch sees no CUDA device")
+    runtime = Runtime(distributed="RANK" in os.environ)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+        torch.backends.cudnn.allow_tf32 = True  # and TF32 convolutions (the patch embedding)
+    if runtime.distributed:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        runtime.rank, runtime.world_size = dist.get_rank(), dist.get_world_size()
+    elif config.fsdp:
+        raise Stop("--fsdp shards over processes: run it under torchrun")
+    runtime.device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if config.dtype == "bfloat16" or (config.dtype == "auto" and cuda):
+        runtime.autocast_dtype = torch.bfloat16
+    runtime.fsdp = config.fsdp
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    return runtime
+
+
+def end_processes(runtime):
+    if runtime is not None and runtime.distributed and dist.is_initialized():
+        dist.barrier()  # nobody leaves while another still talks (gloo aborts a process whose peer is gone)
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values, runtime):
+    """Sum a float64 vector over the processes (a no-op for one process)."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if runtime.distributed:
+        tensor = tensor.to(runtime.device)
+        dist.all_reduce(tensor)
+    return tensor.cpu().tolist()
+
+
+def wrap(model, config, runtime):
+    """DDP (replicas, gradients averaged) or FSDP (the LLM's blocks sharded, the frozen tower kept whole outside it)
+    across processes; the model itself for one process. The parameters stay the same objects."""
+    if config.fsdp:
+        from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        model.vision.to(runtime.device)
+        mixed = None
+        if runtime.device.type == "cuda" and runtime.autocast_dtype == torch.bfloat16:  # bf16 compute, fp32 reduce
+            mixed = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        model = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({Block}), ignored_states=[
+            model.vision], use_orig_params=True, device_id=runtime.device, mixed_precision=mixed)
+    elif runtime.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    return model
+
+
+def unwrap(model):
+    """The TinyLLaVA inside torch.compile, DDP and FSDP wrappers."""
+    for attribute in ("_orig_mod", "module", "_fsdp_wrapped_module"):
+        if hasattr(model, attribute) and isinstance(getattr(model, attribute), torch.nn.Module):
+            return unwrap(getattr(model, attribute))
+    return model

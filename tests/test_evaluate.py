@@ -1,0 +1,292 @@
+"""evaluate.py: the world's held-out eval, LLaVA's question and answer files (resumable, chunked, bad lines named)
+and the benchmarks' scoring rules on hand-written answers, and what image tokens read as."""
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+import ask
+import evaluate
+import flags
+from data import load_image, process_image
+from tinyllava import TinyLLaVA
+from tiny_llava import (BOS, EOS, FOLLOW_UP, QUESTION, REPO, SYSTEM, byte_level_tokenizer, our_answer, tiny_llava,
+                        until_stop, vicuna_ids)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_llava(tmp_path_factory.mktemp("evaluate"))
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Held-out eval
+
+
+def test_batch_of_different_prompts_and_image_sizes_answers_each_row_as_it_alone(tiny, monkeypatch):
+    """evaluate.py's batches of different questions: the prompts differ in length, so the rows are
+    left-padded, and each row must still generate, id for id, what its prompt generates alone."""
+    model = TinyLLaVA.from_pretrained(tiny.ckpt).eval()
+    questions = ["Is it red?", "Describe it.", QUESTION + " " + FOLLOW_UP]
+    images = [tiny.images[k] for k in (0, 2, 1)]  # 24x14, 18x18 and 13x21 pixels
+    assert len({len(vicuna_ids(tiny.tokenizer, [q])) for q in questions}) == 3
+    alone = []
+    for question, image in zip(questions, images):
+        pixel_values = process_image(load_image(image), 16, "crop")[None]
+        generated = model.generate([vicuna_ids(tiny.tokenizer, [question])], pixel_values, max_new_tokens=10,
+                                   stop_token_ids=[EOS])[0]
+        alone.append(until_stop(generated.tolist()))
+    assert all(len(ids) > 2 for ids in alone) and len({tuple(ids) for ids in alone}) == 3
+    decoded, decode = [], ask.decode_answer
+
+    def recording(ids, *rest):  # the ids each row generated, as evaluate decodes them
+        decoded.append(until_stop(ids))
+        return decode(ids, *rest)
+    monkeypatch.setattr(ask, "decode_answer", recording)
+    items = [dict(id=str(k), image=image, question=question, answer=tiny.tokenizer.decode(ids).strip(), type="any")
+             for k, (question, image, ids) in enumerate(zip(questions, images, alone))]
+    accuracy = evaluate.exact_match_table(model, tiny.tokenizer, items, [load_image(image) for image in images],
+                                          batch_size=3, max_new_tokens=10, out=io.StringIO())
+    assert decoded == alone and accuracy == 1.0
+
+
+def test_eval_reports_each_type_and_ends_with_the_accuracy_line(tiny, tmp_path):
+    model = TinyLLaVA.from_pretrained(tiny.ckpt).eval()
+    (tmp_path / "images").mkdir()
+    items = []
+    # file order: three color questions, then two count questions; right means the answer is the model's own
+    for k, (kind, right) in enumerate([("color", True), ("color", False), ("color", True), ("count", True),
+                                       ("count", False)]):
+        image = f"images/{k}.png"
+        Image.open(tiny.images[k % 3]).save(tmp_path / image)
+        question = f"What {kind} is it?"
+        answer = our_answer(tiny, model, question, tiny.images[k % 3], 8) if right else "a wrong answer"
+        assert answer
+        items.append({"id": f"eval-{k}", "image": image, "question": question, "answer": answer, "type": kind})
+    (tmp_path / "eval.json").write_text(json.dumps(items))
+    # --limit 4 takes questions evenly across types (color 0, count 0, color 1, count 1): 2 of 4 right. The first
+    # four of the file would give 3 of 4, all five 3 of 5. Batches of 3 mix prompts of different lengths.
+    result = run_cli("--world", str(tmp_path), "--ckpt", tiny.ckpt, "--limit", "4", "--batch_size", "3",
+                     "--max_new_tokens", "8")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "accuracy: 0.5000"
+    assert lines[0].split() == ["color", "1/2", "0.5000"]
+    assert lines[1].split() == ["count", "1/2", "0.5000"]
+    assert lines[2].split() == ["overall", "2/4", "0.5000"]
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LLaVA's evaluation files: question lines in, answer lines out, and the benchmarks' scoring rules
+
+
+def write_lines(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return str(path)
+
+
+def read_lines(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def question_file(tiny, path):
+    """Two image questions (images relative to the file's folder) and a text-only one."""
+    return write_lines(path, [
+        {"question_id": "q0", "image": os.path.basename(tiny.images[0]), "text": QUESTION, "category": "color"},
+        {"question_id": 7, "text": FOLLOW_UP},
+        {"question_id": "q2", "image": os.path.basename(tiny.images[1]), "text": FOLLOW_UP}])
+
+
+def test_answer_file_has_llava_model_vqa_records_with_the_answers_generate_gives_text_only_without_an_image(tiny):
+    model = TinyLLaVA.from_pretrained(tiny.ckpt).eval()
+    encode = lambda text: tiny.tokenizer.encode(text, add_special_tokens=False).ids
+    text_only = model.generate([[BOS] + encode(f"{SYSTEM} USER: {FOLLOW_UP} ASSISTANT:")], None, max_new_tokens=12,
+                               stop_token_ids=[EOS])[0].tolist()
+    expected = [("q0", QUESTION, our_answer(tiny, model, QUESTION, tiny.images[0], 12), {"category": "color"}),
+                (7, FOLLOW_UP, tiny.tokenizer.decode(until_stop(text_only)).strip(), {}),
+                ("q2", FOLLOW_UP, our_answer(tiny, model, FOLLOW_UP, tiny.images[1], 12), {})]
+    questions, answers = question_file(tiny, tiny.root / "q.jsonl"), str(tiny.root / "answers.jsonl")
+    result = run_cli("--questions", questions, "--answers", answers, "--ckpt", tiny.ckpt, "--max_new_tokens", "12",
+                     "--batch_size", "2")
+    assert result.returncode == 0, result.stderr
+    lines = read_lines(answers)
+    assert [set(line) for line in lines] == [{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}] * 3
+    assert [(line["question_id"], line["prompt"], line["text"], line["metadata"]) for line in lines] == expected
+    assert all(line["model_id"] == os.path.basename(tiny.root) for line in lines)
+    assert len({line["answer_id"] for line in lines}) == 3 and "ETA" in result.stderr
+
+
+def test_killed_run_resumes_without_repeating_or_losing_a_question(tiny, tmp_path, monkeypatch):
+    questions = question_file(tiny, tmp_path / "q.jsonl")
+    flags = ["--questions", questions, "--image_folder", str(tiny.root), "--ckpt", tiny.ckpt, "--max_new_tokens", "8",
+             "--batch_size", "1"]
+    assert evaluate.main(flags + ["--answers", str(tmp_path / "whole.jsonl")]) is None
+    generate, calls = TinyLLaVA.generate, []
+
+    def killed_on_the_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            with open(tmp_path / "resumed.jsonl", "a") as f:
+                f.write('{"question_id": 7, "pro')  # the kill also cut a line being written
+            raise KeyboardInterrupt
+        return generate(self, *args, **kwargs)
+    monkeypatch.setattr(TinyLLaVA, "generate", killed_on_the_second_batch)
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(flags + ["--answers", str(tmp_path / "resumed.jsonl")])
+    assert exit.value.code == 130
+    assert open(tmp_path / "resumed.jsonl").read().startswith('{"question_id": "q0"')  # then the cut line
+    monkeypatch.setattr(TinyLLaVA, "generate", generate)
+    assert evaluate.main(flags + ["--answers", str(tmp_path / "resumed.jsonl")]) is None
+    fields = lambda lines: [(line["question_id"], line["text"]) for line in lines]
+    assert fields(read_lines(tmp_path / "resumed.jsonl")) == fields(read_lines(tmp_path / "whole.jsonl"))
+
+
+def test_chunks_partition_the_questions_in_order_as_llava_splits_them():
+    items = list(range(10))
+    for n in (1, 3, 4, 10, 12):
+        chunks = [evaluate.chunk(items, n, k) for k in range(n)]
+        assert sum(chunks, []) == items
+        assert all(len(c) == -(-10 // n) for c in chunks[:10 // -(-10 // n)])  # LLaVA: chunks of ceil(len / n)
+    assert evaluate.chunk(items, 3, 2) == [8, 9]
+
+
+def test_bad_question_lines_and_missing_images_are_named_by_line_skipped_counted_and_stop_past_the_threshold(tiny,
+                                                                                                            tmp_path):
+    lines = [{"question_id": f"q{k}", "text": QUESTION, "image": os.path.basename(tiny.images[0])} for k in range(8)]
+    lines[2] = "{not json"
+    lines[5] = {"question_id": "q5", "text": QUESTION, "image": "missing.png"}
+    questions = write_lines(tmp_path / "q.jsonl", lines)
+    shutil.copy(tiny.images[0], tmp_path)
+    flags = ["--questions", questions, "--answers", str(tmp_path / "a.jsonl"), "--ckpt", tiny.ckpt,
+             "--max_new_tokens", "4"]
+    result = run_cli(*flags, "--max_bad_fraction", "0.3")
+    assert result.returncode == 0, result.stderr
+    assert f"{questions}:3: not JSON" in result.stderr and f"{questions}:6: cannot load image" in result.stderr
+    assert [line["question_id"] for line in read_lines(tmp_path / "a.jsonl")] == ["q0", "q1", "q3", "q4", "q6", "q7"]
+    result = run_cli(*flags[:3], str(tmp_path / "b.jsonl"), *flags[4:], "--max_bad_fraction", "0.1")
+    assert result.returncode == 1 and "bad" in result.stderr and "--max_bad_fraction" in result.stderr
+    assert len(result.stderr.strip().splitlines()[-1]) < 400
+
+
+def score_lines(tmp_path, kind, answers, truth):
+    """evaluate.py --score on hand-written answers ({id: text}) and truth ({id: answer or (answer, category)})."""
+    answer_file = write_lines(tmp_path / "a.jsonl", [{"question_id": k, "text": v} for k, v in answers.items()])
+    truth_file = write_lines(tmp_path / "t.jsonl", [
+        {"question_id": k, ("label" if kind == "pope" else "answer"): v[0] if isinstance(v, tuple) else v}
+        | ({"category": v[1]} if isinstance(v, tuple) else {}) for k, v in truth.items()])
+    printed = io.StringIO()
+    accuracy = evaluate.score(kind, answer_file, truth_file, out=printed)
+    return accuracy, printed.getvalue()
+
+
+def test_short_answers_are_lowercased_and_lose_a_trailing_period_then_must_match_exactly(tmp_path):
+    answers = {1: "Red.", 2: "yes", 3: " Top Left. ", 4: "red circle", 5: "2.", 6: "The circle is red."}
+    truth = {1: "red", 2: "yes", 3: "top left", 4: "red", 5: "2", 6: "red"}
+    accuracy, table = score_lines(tmp_path, "short", answers, truth)
+    assert accuracy == 4 / 6  # 1, 2, 3, 5 right; 4 and 6 are not a single matching word
+    assert "overall" in table
+    # format compliance: 1, 2, 3, 5 are among the key's answers (right or wrong); "red circle" and a sentence are not
+    assert "format: 4 of 6 answers (66.7%) are a word or phrase among the key's answers" in table
+
+
+def test_choices_are_read_as_scienceqa_reads_them_and_anything_else_fails(tmp_path):
+    answers = {1: "A", 2: "B. blue", 3: "The answer is C.", 4: "I think it is A", 5: "D", 6: "a", 7: "C. red",
+               8: "The answer is B. Because the circle is blue."}
+    truth = {1: ("A", "image"), 2: ("B", "image"), 3: ("C", "text"), 4: ("A", "text"), 5: ("A", "image"),
+             6: ("A", "text"), 7: ("A", "text"), 8: ("B", "image")}
+    accuracy, table = score_lines(tmp_path, "choice", answers, truth)
+    assert accuracy == 4 / 8  # 1, 2, 3, 8; 4 and 6 FAILED (no letter read), 5 and 7 wrong letters
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:]}
+    assert rows["image"] == ["3", "4", "0.7500", "0"] and rows["text"] == ["1", "4", "0.2500", "2"]
+    assert rows["overall"] == ["4", "8", "0.5000", "2"]
+    assert "format: 2 of 8 answers (25.0%) are a bare letter" in table  # 1 and 5 ("a" is no capital letter)
+
+
+def test_pope_reads_the_first_sentence_no_or_not_means_no_and_reports_precision_recall_f1_yes_ratio(tmp_path):
+    answers = {1: "Yes", 2: "No, there is not.", 3: "There is not a red circle.", 4: "Yes. There is no square.",
+               5: "yes", 6: "Yes, there is."}
+    truth = {1: ("yes", "random"), 2: ("no", "random"), 3: ("yes", "random"), 4: ("yes", "adversarial"),
+             5: ("no", "adversarial"), 6: ("no", "adversarial")}
+    accuracy, table = score_lines(tmp_path, "pope", answers, truth)
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in table.splitlines()[2:-1]}
+    assert table.splitlines()[-1] == "format: 5 of 6 answers (83.3%) are yes or no first"  # not "There is not ..."
+    # predicted yes, no, no, yes, yes, yes: right 1, 2, 4; true positives 1 and 4 of 4 predicted yes and 3 true yes
+    assert accuracy == 3 / 6
+    assert rows["overall"] == [6, 0.5, 0.5, round(2 / 3, 4), round(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3), 4), round(4 / 6, 4)]
+    assert rows["random"] == [3, round(2 / 3, 4), 1.0, 0.5, round(2 / 3, 4), round(1 / 3, 4)]
+
+
+def test_scores_read_scienceqa_problems_json_and_refuse_answers_missing_from_the_key(tmp_path):
+    answers = write_lines(tmp_path / "a.jsonl", [{"question_id": "4", "text": "B"}, {"question_id": "9", "text": "A"}])
+    (tmp_path / "problems.json").write_text(json.dumps({"4": {"answer": 1, "split": "test"},
+                                                        "9": {"answer": 2, "split": "test"}}))
+    assert evaluate.score("choice", answers, str(tmp_path / "problems.json"), out=io.StringIO()) == 0.5
+    with pytest.raises(flags.Stop, match="no answer lines to score"):
+        evaluate.score("choice", write_lines(tmp_path / "empty.jsonl", []), str(tmp_path / "problems.json"),
+                     out=io.StringIO())
+    with pytest.raises(flags.Stop, match="not in --truth"):
+        evaluate.score("choice", write_lines(tmp_path / "b.jsonl", [{"question_id": "5", "text": "A"}]),
+                     str(tmp_path / "problems.json"), out=io.StringIO())
+
+
+def test_pope_annotation_directory_pairs_labels_with_questions_by_category_and_file_order(tmp_path):
+    # POPE's label files each number their questions from 1, so ids collide across categories; eval_pope.py pairs the
+    # questions of a category, in the question file's order, with that category's labels, in order.
+    questions = write_lines(tmp_path / "llava_pope_test.jsonl", [
+        {"question_id": 10, "image": "a.jpg", "text": "Is there a cat?", "category": "random"},
+        {"question_id": 11, "image": "a.jpg", "text": "Is there a dog?", "category": "popular"},
+        {"question_id": 12, "image": "b.jpg", "text": "Is there a car?", "category": "random"},
+        {"question_id": 13, "image": "b.jpg", "text": "Is there a bus?", "category": "popular"}])
+    (tmp_path / "coco").mkdir()
+    write_lines(tmp_path / "coco" / "coco_pope_random.json", [{"question_id": 1, "label": "yes"},
+                                                               {"question_id": 2, "label": "no"}])
+    write_lines(tmp_path / "coco" / "coco_pope_popular.json", [{"question_id": 1, "label": "no"},
+                                                                {"question_id": 2, "label": "no"}])
+    answers = write_lines(tmp_path / "a.jsonl", [{"question_id": 13, "text": "No."}, {"question_id": 10, "text": "Yes"},
+                                                 {"question_id": 12, "text": "No"}, {"question_id": 11, "text": "Yes"}])
+    printed = io.StringIO()
+    accuracy = evaluate.score("pope", answers, str(tmp_path / "coco"), out=printed, questions=questions)
+    assert accuracy == 3 / 4  # 10 yes=yes, 12 no=no, 13 no=no; 11 yes against no
+    rows = {line.split()[0]: line.split()[1:3] for line in printed.getvalue().splitlines()[2:]}
+    assert rows["random"] == ["2", "1.0000"] and rows["popular"] == ["2", "0.5000"]
+    with pytest.raises(flags.Stop, match="needs --questions"):
+        evaluate.score("pope", answers, str(tmp_path / "coco"), out=io.StringIO())
+    with pytest.raises(flags.Stop, match="read only as POPE's annotation directory"):
+        evaluate.score("short", answers, str(tmp_path / "coco"), out=io.StringIO(), questions=questions)
+    write_lines(tmp_path / "coco" / "coco_pope_random.json", [{"question_id": 1, "label": "yes"}])
+    with pytest.raises(flags.Stop, match="1 labels for the 2 'random' questions"):
+        evaluate.score("pope", answers, str(tmp_path / "coco"), out=io.StringIO(), questions=questions)
+
+
+def test_image_tokens_are_read_against_every_cell_as_the_mean_of_its_word_embeddings():
+    """With the tiny bases' tokenizer (scene words one token each, <|light blue|> and <|empty|> added), the reading
+    vocabulary is every possible cell, each the mean of its words' embeddings; with any other tokenizer (these special
+    tokens absent) it is the whole vocabulary, one token per entry."""
+    import make_bases
+    import world
+    tokenizer = make_bases.train_tokenizer(["a large small red green blue yellow purple orange circle square "
+                                            "triangle top left right bottom center white gray", "USER: hi"])
+    table = torch.nn.Embedding(tokenizer.get_vocab_size(), 4)
+    model = SimpleNamespace(llm=SimpleNamespace(embed_tokens=table))
+    names, vectors = evaluate.reading_vocabulary(model, tokenizer)
+    assert names == world.possible_cells() and len(names) == 9 * 3 * (1 + 2 * 6 * 3)
+    one = lambda word: table.weight[tokenizer.token_to_id(word)]
+    k = names.index(["bottom right", "light blue", "small", "red", "triangle"])
+    torch.testing.assert_close(vectors[k], (one("Ġbottom") + one("Ġright") + one("<|light blue|>") + one("Ġsmall")
+                                            + one("Ġred") + one("Ġtriangle")) / 6)
+    k = names.index(["center", "gray", "empty"])
+    torch.testing.assert_close(vectors[k], (one("Ġcenter") + one("Ġgray") + one("<|empty|>")) / 3)
+    plain = byte_level_tokenizer()
+    table = torch.nn.Embedding(plain.get_vocab_size(), 4)
+    names, vectors = evaluate.reading_vocabulary(SimpleNamespace(llm=SimpleNamespace(embed_tokens=table)), plain)
+    assert names == [plain.id_to_token(i) for i in range(plain.get_vocab_size())] and vectors.shape == (len(names), 4)
