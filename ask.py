@@ -24,7 +24,7 @@ OUT_DIR = "out"  # train.py writes out/stage1/ckpt.pt and out/stage2/ckpt.pt
 
 @dataclass
 class ModelFlags:
-    # model: which model answers, and where it runs
+    # model: which model answers, and where it runs (every mode that loads one)
     ckpt: str = ""  # one of our checkpoints, a ckpt.pt or its directory ("": out/stage2, else out/stage1; a path is
                     # looked for where you run this, then in the repository)
     hf: str = ""  # an HF LLaVA directory (LlavaForConditionalGeneration with tokenizer.json, e.g. llava-1.5-7b-hf),

@@ -196,8 +196,8 @@ def bench_train(directory):
     """
     train.py's stage-2 step (train.train_step: forward, backward, clipping, AdamW) on this CPU: tokens/s, peak memory,
     and achieved FLOP/s as a fraction of a plain fp32 matmul's FLOP/s measured in the same rounds; float32 and
-    bfloat16 autocast, interleaved. FLOPs per step: progress.step_flops (6 x weights x tokens for the LLM and W, attention
-    terms, the frozen vision tower forward only), checked against torch's FlopCounterMode on one step.
+    bfloat16 autocast, interleaved. FLOPs per step: progress.step_flops (6 x weights x tokens for the LLM and W,
+    attention terms, the frozen vision tower forward only), checked against torch's FlopCounterMode on one step.
     Two shapes: the realistic one above (CLIP ViT-L/14 proportions at 224 px, a TinyLlama-proportioned LLM), and the
     shipped tiny bases' own proportions (read from bases/*/config.json), which bf16 serves differently.
     """
@@ -207,6 +207,17 @@ def bench_train(directory):
         tiny_vision = {k: v for k, v in json.load(f)["vision_config"].items() if k in VISION}
     bench_train_shape(directory, "realistic", LLAMA, VISION, batch=2, text_length=256)
     bench_train_shape(directory, "tiny default", tiny_llama, tiny_vision, batch=16, text_length=200)
+
+
+def random_micro_batch(batch, text_length, vocab_size, image_size):
+    """A collated micro-batch as train.py's Collator gives it: random text with one image after 8 tokens, the loss on
+    the second half (the answers come last), random pixels."""
+    text = torch.randint(3, vocab_size, (batch, text_length))
+    input_ids = torch.cat([text[:, :8], torch.full((batch, 1), IMAGE_TOKEN_INDEX), text[:, 8:]], dim=1)
+    labels = input_ids.masked_fill(torch.arange(input_ids.shape[1]) < text_length // 2, IGNORE_INDEX)
+    return dict(input_ids=input_ids, labels=labels, attention_mask=torch.ones_like(input_ids).bool(),
+                pixel_values=torch.randn(batch, 3, image_size, image_size), ids=[str(i) for i in range(batch)],
+                skipped=[])
 
 
 def matmul_flops_per_s(dtype, size=2048, repeats=5):
@@ -232,12 +243,7 @@ def bench_train_shape(directory, name, llama, vision, batch, text_length):
                                learning_rate=2e-5)
     model = train.build_model(config, train.Runtime())
     optimizer = train.make_optimizer(model, config, train.Runtime())
-    text = torch.randint(3, llama["vocab_size"], (batch, text_length))
-    input_ids = torch.cat([text[:, :8], torch.full((batch, 1), IMAGE_TOKEN_INDEX), text[:, 8:]], dim=1)
-    labels = input_ids.masked_fill(torch.arange(input_ids.shape[1]) < text_length // 2, IGNORE_INDEX)  # answers last
-    micro_batch = dict(input_ids=input_ids, labels=labels, attention_mask=torch.ones_like(input_ids).bool(),
-                       pixel_values=torch.randn(batch, 3, vision["image_size"], vision["image_size"]),
-                       ids=[str(i) for i in range(batch)], skipped=[])
+    micro_batch = random_micro_batch(batch, text_length, llama["vocab_size"], vision["image_size"])
     lengths = train.sequence_lengths(micro_batch, model.num_image_tokens)
     flops = progress.step_flops(model, lengths, batch)
     with FlopCounterMode(display=False) as counter:
@@ -301,12 +307,7 @@ def bench_lora(directory):
             models[name, dtype] = train.build_model(config, runtime)
             optimizers[name, dtype] = train.make_optimizer(models[name, dtype], config, runtime)
     batch, text_length = 2, 256
-    text = torch.randint(3, LLAMA["vocab_size"], (batch, text_length))
-    input_ids = torch.cat([text[:, :8], torch.full((batch, 1), IMAGE_TOKEN_INDEX), text[:, 8:]], dim=1)
-    labels = input_ids.masked_fill(torch.arange(input_ids.shape[1]) < text_length // 2, IGNORE_INDEX)
-    micro_batch = dict(input_ids=input_ids, labels=labels, attention_mask=torch.ones_like(input_ids).bool(),
-                       pixel_values=torch.randn(batch, 3, VISION["image_size"], VISION["image_size"]),
-                       ids=[str(i) for i in range(batch)], skipped=[])
+    micro_batch = random_micro_batch(batch, text_length, LLAMA["vocab_size"], VISION["image_size"])
     lengths = train.sequence_lengths(micro_batch, models["full", None].num_image_tokens)
 
     def instance(name, setting):
@@ -327,7 +328,11 @@ def bench_lora(directory):
     for _ in range(rounds):
         for key, run in runs.items():
             results[key].append(measure(run))
+    print_lora(models, optimizers, results, configs, settings, batch, lengths, instance)
 
+
+def print_lora(models, optimizers, results, configs, settings, batch, lengths, instance):
+    """bench_lora's table: trainable parameters, AdamW state and weights, then time and peak memory per setting."""
     def tensor_bytes(tensors):
         return sum(t.numel() * t.element_size() for t in tensors)
     weights = {key: tensor_bytes(model.parameters()) for key, model in models.items()}

@@ -4,21 +4,23 @@ JPEG photo-like image, a three-exchange conversation of about 250 words, vicuna_
 single DataLoader worker does it. It prints the rate of the text part, the image part and whole dataset samples.
 
     python bench_data.py                                    # 300 samples at 336 px, a byte-level BPE trained here
-    python bench_data.py --size 224 --aspect pad --samples 500
+    python bench_data.py --size 224 --aspect pad --samples 500   # flags as every script's (flags.py)
     python bench_data.py --tokenizer path/to/tokenizer.json # a real tokenizer (Vicuna, LLaMA, ...)
 """
-import argparse
 import json
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+import flags
 from data import Collator, LLaVADataset, encode_conversation, load_image, process_image
 
 WORDS = ("the a man woman dog cat bus street red blue green small large left right next to on in near holding "
@@ -70,14 +72,24 @@ def rate(label, n, seconds):
     print(f"{label:<44} {n / seconds:8.1f} samples/s  ({1000 * seconds / n:.2f} ms/sample)")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=300)
-    parser.add_argument("--size", type=int, default=336)
-    parser.add_argument("--aspect", default="crop", choices=["crop", "pad"])
-    parser.add_argument("--tokenizer", help="a tokenizer.json (default: a byte-level BPE trained on the samples)")
-    parser.add_argument("--distinct-images", type=int, default=20)
-    args = parser.parse_args()
+@dataclass
+class BenchConfig:
+    # samples: what is measured
+    samples: int = 300  # LLaVA-Instruct-like samples to build
+    size: int = 336  # the image side the vision tower takes, in pixels
+    aspect: Literal["crop", "pad"] = "crop"  # non-square images: centre crop (CLIP) or pad to a square (LLaVA-1.5)
+    tokenizer: str = ""  # a tokenizer.json ("": a byte-level BPE trained on the samples)
+    distinct_images: int = 20  # JPEG files the samples share
+
+
+def main(argv=None):
+    with flags.one_line_errors("bench_data.py"):
+        given = flags.command_line(BenchConfig, argv, "bench_data.py", "python bench_data.py [--field value ...]",
+                                   __doc__)
+        if given is None:  # --help
+            return
+        args = BenchConfig(**given)
+        flags.at_least(args, 1, "samples", "size", "distinct_images")
     torch.set_num_threads(1)
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as folder:
@@ -108,7 +120,7 @@ def main():
             dataset[k]  # not kept: holding hundreds of 336 px tensors would time page faults, not data.py
         rate("dataset[i]: text + image", len(dataset), time.perf_counter() - start)
 
-        items = [dataset[k] for k in range(64)]
+        items = [dataset[k] for k in range(min(64, len(dataset)))]
         collate = Collator(pad_token_id=3, max_length=2048, num_image_tokens=(args.size // 14) ** 2)
         start = time.perf_counter()
         for k in range(0, len(items), 16):

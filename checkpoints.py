@@ -2,8 +2,9 @@
 A training run's checkpoints, for train.py. The model's part (config, the bases' fingerprints, the trained tensors) is
 TinyLLaVA.save's, read back by tinyllava.read_checkpoint; a training checkpoint adds what resuming needs to take the
 steps an uninterrupted run takes (the optimizer's state, every random generator's state, the step and the data
-position) and the run's own config. Here: writing and reading that state, the checkpoints a run starts from (the bases, --init's:
-ours or an HF LLaVA), and the refusals that keep a run from silently replacing or reusing another's work.
+position) and the run's own config. Here: writing and reading that state, the checkpoints a run starts from (the
+bases, --init's: ours or an HF LLaVA), and the refusals that keep a run from silently replacing or reusing another's
+work.
 """
 import os
 import random
@@ -28,9 +29,9 @@ RESUMABLE_CHANGES = {"resume", "overwrite", "out_dir", "log_interval", "eval_int
 
 
 def save(run):
-    """A train.py run's checkpoint: every process helps gather (FSDP), process 0 writes, atomically: W (and the LLM),
-    the model config, the bases' fingerprints, the optimizer (keyed by parameter name, whatever the wrapping), RNG
-    states, the run's config and where it stands."""
+    """Write a train.py run's checkpoint: every process helps gather (FSDP), process 0 writes, atomically: W (and the
+    LLM), the model config, the bases' fingerprints, the optimizer (keyed by parameter name, whatever the wrapping),
+    RNG states, the run's config and where it stands."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
         get_optimizer_state_dict
     runtime, model = run.runtime, run.wrapped
@@ -48,6 +49,7 @@ def save(run):
                            steps_per_epoch=run.steps_per_epoch, world_size=runtime.world_size)
     if runtime.distributed:
         dist.barrier()
+    run.last_checkpoint = run.step
 
 
 def load_optimizer(model, optimizer, state):

@@ -91,7 +91,7 @@ def load_tokenizer(checkpoint_dir):
         raise FileNotFoundError(
             f"{checkpoint_dir}: no tokenizer.json, only a sentencepiece tokenizer.model; write the tokenizer.json once "
             f"with transformers: python -c \"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained("
-            f"'{checkpoint_dir}').save_pretrained('{checkpoint_dir}')\" (README: Real checkpoints)")
+            f"'{checkpoint_dir}').save_pretrained('{checkpoint_dir}')\" (docs/real_scale.md)")
     raise FileNotFoundError(f"{checkpoint_dir}: no tokenizer.json here (only the fast-tokenizer file is read)")
 
 

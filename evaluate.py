@@ -45,10 +45,10 @@ USAGE = ("python evaluate.py [--ckpt PATH] [--limit N]   |   --questions FILE --
 
 @dataclass
 class EvalConfig(ask.ModelFlags):
-    # the world's eval (what runs when no other mode is given): its held-out questions, exact match per type
+    # the world's eval: the mode when none of --score, --plot, --questions, --read_image is given; exact match per type
     world: str = ""  # a world directory holding eval.json ("": the default shapes world, generated on first use)
     limit: int = 0  # only this many questions, taken evenly across the question types (0: all)
-    # LLaVA's evaluation files: questions in, answers out, scored by the benchmarks' rules
+    # LLaVA's evaluation files: --questions writes answers (the flags through --max_bad_fraction); --score scores them
     questions: str = ""  # answer this question file: JSON lines {question_id, image (absent: text-only), text[,
                          # category]}, or a LLaVA JSON list of records (ScienceQA's llava_test_CQM-A.json); with
                          # --score pope, the question file a POPE annotation directory is read against
@@ -67,7 +67,7 @@ class EvalConfig(ask.ModelFlags):
     truth: str = ""  # the answer key: JSON lines {question_id, answer or label[, category]}, a JSON object by
                      # question id (GQA's questions file, ScienceQA's problems.json), or POPE's annotation directory
                      # of coco_pope_{category}.json files (with --questions, whose order pairs questions and labels)
-    # what the image tokens read as, and the learning curves
+    # pictures: --read_image (with the model flags and --batch_size); --plot (with --png)
     read_image: list[str] = field(default_factory=list)  # show, for each of these image files, what each image token
                                                          # reads as in the LLM's word embeddings, as a grid: the
                                                          # nearest cell the tiny bases' scene words can write, else
@@ -76,7 +76,7 @@ class EvalConfig(ask.ModelFlags):
                                                    # against the step, one curve per log.jsonl (labelled by its
                                                    # directory), into --png
     png: str = "curve.png"  # the picture --plot draws
-    # generation
+    # generation: for the modes that ask the model questions (the world's eval, --questions)
     max_new_tokens: int = 256  # most tokens per answer
     batch_size: int = 32  # questions (or images) per generate call
 
@@ -545,7 +545,8 @@ def format_compliance(kind, pairs, texts):
     elif kind == "choice":
         n, what = sum(bool(re.fullmatch(r"[A-Z]", text.strip())) for text in texts), "a bare letter"
     else:
-        n = sum(text.split(".")[0].replace(",", " ").split()[:1] in (["Yes"], ["No"], ["yes"], ["no"]) for text in texts)
+        n = sum(text.split(".")[0].replace(",", " ").split()[:1] in (["Yes"], ["No"], ["yes"], ["no"])
+                for text in texts)
         what = "yes or no first"
     return f"format: {n} of {len(texts)} answers ({n / max(1, len(texts)):.1%}) are {what}"
 

@@ -160,8 +160,8 @@ def shown(value):
 
 def help_text(config_class, prog, usage, doc, variants=None):
     """Usage, the script's docstring (what it does, examples), then every field under its group with its explanation
-    and default; laid out by argparse, in 120 columns at most. variants: {name: {field: default}} where the defaults differ between variants
-    (train.py's stages), shown as 'stage 1: a, stage 2: b'; a None default is not shown."""
+    and default; laid out by argparse, in 120 columns at most. variants: {name: {field: default}} where the defaults
+    differ between variants (train.py's stages), shown as 'stage 1: a, stage 2: b'; a None default is not shown."""
     layout = lambda prog: argparse.RawDescriptionHelpFormatter(
         prog, max_help_position=34, width=min(120, shutil.get_terminal_size((120, 24)).columns))
     parser = argparse.ArgumentParser(prog=prog, usage=usage, description=doc.strip(), add_help=False,

@@ -3,7 +3,7 @@ Regenerate the tiny pretrained bases shipped in bases/: a byte-level BPE tokeniz
 tiny LLaMA, trained from scratch on the shapes world (world.py) and written in Hugging Face's layout, so that they load
 through exactly the loaders real checkpoints use (CLIP.from_pretrained, Llama.from_pretrained, and transformers').
 
-    python make_bases.py                                       # all of bases/ (time: README, "The tiny bases")
+    python make_bases.py                                       # all of bases/ (time: docs/bases.md)
     python make_bases.py --out /tmp/bases --clip_steps 20 --color_steps 5 --position_steps 5 --facts_steps 5 \
         --llm_steps 20                                         # a quick smoke run
     python -m pytest -q tests/test_make_bases.py

@@ -3,6 +3,7 @@ What a training run tells its user, for train.py: the start-up lines, the progre
 and its log.jsonl record, the held-out accuracy of the learning curve (--eval_questions), and the two reasons a run
 stops on its own (too many bad samples, a loss that is not finite).
 """
+import json
 import math
 import os
 import time
@@ -53,7 +54,14 @@ def report(run, interval, epoch, lr, grad_norm, started, peak):
         record["mfu"] = interval["flops"] / (seconds * peak * run.runtime.world_size)
         line += f" | MFU {100 * record['mfu']:.1f}%"
     print(line)
-    run.log(record)
+    log(run, record)
+
+
+def log(run, record):
+    """One record (a dict) appended to the run's log.jsonl, by process 0."""
+    if run.runtime.master:
+        with open(os.path.join(run.config.out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def describe(run, base, init, init_path, val_data_path, resumed):

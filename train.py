@@ -20,7 +20,7 @@ Where each step of the paper happens:
 
     Eq. 2: the image before or after the first question     data._segments, drawn per sample and epoch (LLaVADataset)
     Eq. 3: the loss covers answers and their end of turn     data._encode (the labels), TinyLLaVA.forward (the shift)
-    H_v = W · Z_v, spliced where <image> stands              TinyLLaVA.image_features, TinyLLaVA.embed
+    Eq. 1: H_v = W · Z_v, spliced where <image> stands       TinyLLaVA.image_features, TinyLLaVA.embed
     stage 1 trains W; stage 2 W and the LLM; g never         build_model -> TinyLLaVA.set_stage (below)
     AdamW (no decay on biases, norms), warmup then cosine    make_optimizer, learning_rate (below)
     one step over a global batch, weighted by answer token   train_step (below)
@@ -31,7 +31,6 @@ runtime.py (processes, devices) and progress.py (what the run prints). Each step
 (seed, epoch, step) alone, and one loss over all its answer tokens, however many processes and micro-batches share it.
 """
 import contextlib
-import json
 import math
 import os
 import random
@@ -45,10 +44,10 @@ import torch
 
 import checkpoints
 import flags
+import progress
 import world
 from data import Collator, LLaVADataset, ModalityLengthGroupedSampler
 from llama import lora_targets
-import progress
 from runtime import Runtime, all_reduce_sum, end_processes, start_processes, unwrap, wrap
 from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TinyLLaVA, TinyLLaVAConfig
 
@@ -174,40 +173,17 @@ def train(config, runtime, resumed=None, init=None):
         run.evaluate_held_out()  # where stage 2 starts from: after stage 1 alone, zero-shot
     started = time.time()
     take_steps(run, started)
-    run.checkpoint()
+    checkpoints.save(run)
     if run.step < run.total_steps:
         print(f"stopped after step {run.step} of {run.total_steps} (--stop_at_step); {run.checkpoint_path} written; "
               "go on with --resume")
         return model
     val_loss = run.evaluate_held_out()
-    print(f"done: {run.total_steps} step{'s' if run.total_steps != 1 else ''} in "
-          f"{progress.clock(time.time() - started)}" + (f", held-out loss {val_loss:.4f}" if val_loss is not None
-                                                        else "") + f" | {run.checkpoint_path}")
+    loss = "" if val_loss is None else f", held-out loss {val_loss:.4f}"
+    print(f"done: {run.total_steps} step{'s' * (run.total_steps != 1)} in {progress.clock(time.time() - started)}"
+          f"{loss} | {run.checkpoint_path}")
     return model
 
-
-def build_model(config, runtime, weights=None, source="", base="", with_adapters=True):
-    """The model, set for the stage: TinyLLaVA from the bases (or whole from `base`, the model a LoRA run sits on),
-    with LoRA adapters if asked, and trained weights (W, or W and the LLM or its adapters) put over it."""
-    torch.manual_seed(config.seed)  # W's and the adapters' initialization: the same in every process and every run
-    model_config = TinyLLaVAConfig(
-        vision_path=config.vision_path, llm_path=config.llm_path, projector=config.projector,
-        vision_feature_layer=config.vision_feature_layer, keep_class_token=config.keep_class_token,
-        template=config.template, image_aspect=config.image_aspect, base=base, lora_r=config.lora_r,
-        lora_alpha=config.lora_alpha or 2 * config.lora_r, lora_dropout=config.lora_dropout,
-        lora_targets=config.lora_targets)
-    try:  # bases that do not load, or trained weights that do not fit them: one line
-        # FSDP shards the model from the CPU onto the GPU block by block, so a model too big for one GPU can start
-        model = TinyLLaVA.from_config(model_config, device="cpu" if config.fsdp else runtime.device)
-        model.set_stage(config.stage)  # stage 1: W alone trains; stage 2: W and the LLM (or its LoRA adapters)
-        if config.lora_r and runtime.autocast_dtype is not None and not config.fsdp:  # FSDP: one dtype per block
-            model.store_frozen_linears_in(runtime.autocast_dtype)  # the same results in half the memory
-        if weights is not None:
-            model.load_trained_weights(weights, source=source, with_adapters=with_adapters)
-    except (OSError, ValueError) as error:
-        raise flags.Stop(str(error)) from None
-    model.llm.gradient_checkpointing = config.gradient_checkpointing
-    return model.train()
 
 # ---- the data: the sample order of every step, as a function of (seed, epoch) alone
 
@@ -283,6 +259,32 @@ def validation_batches(val_dataset, config, runtime):
     mine = list(range(runtime.rank, count, runtime.world_size))
     per_process = math.ceil(math.ceil(count / runtime.world_size) / config.batch_size)
     return [mine[k * config.batch_size:(k + 1) * config.batch_size] for k in range(per_process)]
+
+# ---- the model and its stage
+
+
+def build_model(config, runtime, weights=None, source="", base="", with_adapters=True):
+    """The model, set for the stage: TinyLLaVA from the bases (or whole from `base`, the model a LoRA run sits on),
+    with LoRA adapters if asked, and trained weights (W, or W and the LLM or its adapters) put over it."""
+    torch.manual_seed(config.seed)  # W's and the adapters' initialization: the same in every process and every run
+    model_config = TinyLLaVAConfig(
+        vision_path=config.vision_path, llm_path=config.llm_path, projector=config.projector,
+        vision_feature_layer=config.vision_feature_layer, keep_class_token=config.keep_class_token,
+        template=config.template, image_aspect=config.image_aspect, base=base, lora_r=config.lora_r,
+        lora_alpha=config.lora_alpha or 2 * config.lora_r, lora_dropout=config.lora_dropout,
+        lora_targets=config.lora_targets)
+    try:  # bases that do not load, or trained weights that do not fit them: one line
+        # FSDP shards the model from the CPU onto the GPU block by block, so a model too big for one GPU can start
+        model = TinyLLaVA.from_config(model_config, device="cpu" if config.fsdp else runtime.device)
+        model.set_stage(config.stage)  # stage 1: W alone trains; stage 2: W and the LLM (or its LoRA adapters)
+        if config.lora_r and runtime.autocast_dtype is not None and not config.fsdp:  # FSDP: one dtype per block
+            model.store_frozen_linears_in(runtime.autocast_dtype)  # the same results in half the memory
+        if weights is not None:
+            model.load_trained_weights(weights, source=source, with_adapters=with_adapters)
+    except (OSError, ValueError) as error:
+        raise flags.Stop(str(error)) from None
+    model.llm.gradient_checkpointing = config.gradient_checkpointing
+    return model.train()
 
 # ---- the optimizer and its schedule
 
@@ -422,7 +424,7 @@ def take_steps(run, started):
             if config.eval_interval and run.step % config.eval_interval == 0 and run.step < run.total_steps:
                 run.evaluate_held_out()
             if config.checkpoint_interval and run.step % config.checkpoint_interval == 0 and run.step < stop_step:
-                run.checkpoint()
+                checkpoints.save(run)
 
 
 @torch.no_grad()
@@ -497,29 +499,20 @@ class Run:
     def checkpoint_path(self):
         return os.path.join(self.config.out_dir, "ckpt.pt")
 
-    def log(self, record):
-        if self.runtime.master:
-            with open(os.path.join(self.config.out_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-
     def evaluate_held_out(self):
         """--eval_questions' accuracy, then the held-out loss, printed and logged; returns the loss (None: no data)."""
         if self.questions is not None:
             accuracy = progress.held_out_accuracy(self.raw, self.tokenizer, self.questions, self.config)
             print(f"step {self.step}/{self.total_steps} | held-out accuracy {accuracy:.4f} "
                   f"({len(self.questions[0])} questions)")
-            self.log(dict(kind="eval", step=self.step, accuracy=accuracy))
+            progress.log(self, dict(kind="eval", step=self.step, accuracy=accuracy))
         if not self.val_batches:
             return None
         loss = held_out_loss(self.model, loader(self.val_dataset, self.val_batches, self.collator, self.config,
                                                 self.runtime), self.runtime)
         print(f"step {self.step}/{self.total_steps} | held-out loss {loss:.4f}")
-        self.log(dict(kind="eval", step=self.step, val_loss=loss))
+        progress.log(self, dict(kind="eval", step=self.step, val_loss=loss))
         return loss
-
-    def checkpoint(self):
-        checkpoints.save(self)
-        self.last_checkpoint = self.step
 
 
 # ----------------------------------------------------------------------------------------------------------------------

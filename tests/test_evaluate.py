@@ -128,9 +128,9 @@ def test_answer_file_has_llava_model_vqa_records_with_the_answers_generate_gives
 
 def test_killed_run_resumes_without_repeating_or_losing_a_question(tiny, tmp_path, monkeypatch):
     questions = question_file(tiny, tmp_path / "q.jsonl")
-    flags = ["--questions", questions, "--image_folder", str(tiny.root), "--ckpt", tiny.ckpt, "--max_new_tokens", "8",
+    argv = ["--questions", questions, "--image_folder", str(tiny.root), "--ckpt", tiny.ckpt, "--max_new_tokens", "8",
              "--batch_size", "1"]
-    assert evaluate.main(flags + ["--answers", str(tmp_path / "whole.jsonl")]) is None
+    assert evaluate.main(argv + ["--answers", str(tmp_path / "whole.jsonl")]) is None
     generate, calls = TinyLLaVA.generate, []
 
     def killed_on_the_second_batch(self, *args, **kwargs):
@@ -142,11 +142,11 @@ def test_killed_run_resumes_without_repeating_or_losing_a_question(tiny, tmp_pat
         return generate(self, *args, **kwargs)
     monkeypatch.setattr(TinyLLaVA, "generate", killed_on_the_second_batch)
     with pytest.raises(SystemExit) as exit:
-        evaluate.main(flags + ["--answers", str(tmp_path / "resumed.jsonl")])
+        evaluate.main(argv + ["--answers", str(tmp_path / "resumed.jsonl")])
     assert exit.value.code == 130
     assert open(tmp_path / "resumed.jsonl").read().startswith('{"question_id": "q0"')  # then the cut line
     monkeypatch.setattr(TinyLLaVA, "generate", generate)
-    assert evaluate.main(flags + ["--answers", str(tmp_path / "resumed.jsonl")]) is None
+    assert evaluate.main(argv + ["--answers", str(tmp_path / "resumed.jsonl")]) is None
     fields = lambda lines: [(line["question_id"], line["text"]) for line in lines]
     assert fields(read_lines(tmp_path / "resumed.jsonl")) == fields(read_lines(tmp_path / "whole.jsonl"))
 
@@ -167,13 +167,13 @@ def test_bad_question_lines_and_missing_images_are_named_by_line_skipped_counted
     lines[5] = {"question_id": "q5", "text": QUESTION, "image": "missing.png"}
     questions = write_lines(tmp_path / "q.jsonl", lines)
     shutil.copy(tiny.images[0], tmp_path)
-    flags = ["--questions", questions, "--answers", str(tmp_path / "a.jsonl"), "--ckpt", tiny.ckpt,
+    argv = ["--questions", questions, "--answers", str(tmp_path / "a.jsonl"), "--ckpt", tiny.ckpt,
              "--max_new_tokens", "4"]
-    result = run_cli(*flags, "--max_bad_fraction", "0.3")
+    result = run_cli(*argv, "--max_bad_fraction", "0.3")
     assert result.returncode == 0, result.stderr
     assert f"{questions}:3: not JSON" in result.stderr and f"{questions}:6: cannot load image" in result.stderr
     assert [line["question_id"] for line in read_lines(tmp_path / "a.jsonl")] == ["q0", "q1", "q3", "q4", "q6", "q7"]
-    result = run_cli(*flags[:3], str(tmp_path / "b.jsonl"), *flags[4:], "--max_bad_fraction", "0.1")
+    result = run_cli(*argv[:3], str(tmp_path / "b.jsonl"), *argv[4:], "--max_bad_fraction", "0.1")
     assert result.returncode == 1 and "bad" in result.stderr and "--max_bad_fraction" in result.stderr
     assert len(result.stderr.strip().splitlines()[-1]) < 400
 
@@ -290,3 +290,24 @@ def test_image_tokens_are_read_against_every_cell_as_the_mean_of_its_word_embedd
     table = torch.nn.Embedding(plain.get_vocab_size(), 4)
     names, vectors = evaluate.reading_vocabulary(SimpleNamespace(llm=SimpleNamespace(embed_tokens=table)), plain)
     assert names == [plain.id_to_token(i) for i in range(plain.get_vocab_size())] and vectors.shape == (len(names), 4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--questions", "q.jsonl", "--answers", "a.jsonl", "--limit", "20"], "--limit does not go with --questions"),
+    (["--score", "short", "--answers", "a.jsonl", "--truth", "t.jsonl", "--ckpt", "x"],
+     "--ckpt does not go with --score"),
+    (["--plot", "log.jsonl", "--world", "w", "--batch_size", "2"], "--world, --batch_size do not go with --plot"),
+    (["--truth", "t.jsonl"], "--truth does not go with the world's eval"),
+    (["--score", "pope", "--answers", "a.jsonl"], "--score reads --answers FILE and --truth FILE"),
+    (["--questions", "q.jsonl"], "--questions writes its answers to --answers FILE"),
+    (["--questions", "q.jsonl", "--answers", "a.jsonl", "--num_chunks", "2", "--chunk_idx", "2"],
+     "--chunk_idx 2 must be in [0, --num_chunks 2)"),
+    (["--limit", "-1"], "--limit must be at least 0, got -1"),
+])
+def test_a_flag_the_mode_does_not_read_is_refused_before_anything_loads(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(argv)
+    assert str(exit.value) == f"evaluate.py: error: {message}" + (
+        "; python evaluate.py --help says which flags each mode reads" if "does not go" in message or
+        "do not go" in message else "")
+    assert capsys.readouterr().err == ""  # nothing loaded, nothing generated
