@@ -35,18 +35,17 @@ def check_step(run, stats, epoch):
     elif not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])):
         kept = (f"{run.checkpoint_path} (step {run.last_checkpoint})" if run.last_checkpoint
                 else "none (none was written)")
-        raise Stop(f"step {run.step}: loss {stats['loss']}, gradient norm {stats['grad_norm']}: not finite. The "
-                         f"step was not applied and the run stops; the last good checkpoint is {kept}. Try a lower "
-                         "--learning_rate, or look for bad samples in this step's data")
+        raise Stop(f"step {run.step}: loss {stats['loss']}, gradient norm {stats['grad_norm']}: not finite. The step "
+                   f"was not applied and the run stops; the last good checkpoint is {kept}. Try a lower "
+                   "--learning_rate, or look for bad samples in this step's data")
 
 
 def report(run, interval, epoch, lr, grad_norm, started, peak):
     """The progress line and its log.jsonl record: the mean loss since the last one, speed, time left, MFU."""
     now = time.time()
     seconds, elapsed, steps = now - interval["time"], now - started, len(interval["losses"])
-    record = dict(kind="train", step=run.step, epoch=epoch, loss=sum(interval["losses"]) / steps,
-                  lr=lr, grad_norm=grad_norm,
-                  tokens_per_s=interval["tokens"] / seconds, elapsed_s=elapsed)
+    record = dict(kind="train", step=run.step, epoch=epoch, loss=sum(interval["losses"]) / steps, lr=lr,
+                  grad_norm=grad_norm, tokens_per_s=interval["tokens"] / seconds, elapsed_s=elapsed)
     line = (f"step {run.step}/{run.total_steps} | epoch {epoch} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
             f"grad norm {grad_norm:.3f} | {record['tokens_per_s']:,.0f} tok/s | {clock(elapsed)} elapsed, ETA "
             f"{clock(seconds / steps * (run.total_steps - run.step))}")

@@ -69,16 +69,16 @@ def main(argv=None):
         generator = torch.Generator(device=model.llm.embed_tokens.weight.device).manual_seed(config.seed)
         sampling = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, generator=generator)
         pixel_values = ask.to_pixels(model, images)
-        if config.chat:
-            print(f"chat about {config.image[0]} ({model.config.template} template): type a question; an empty line "
-                  "or Ctrl-D ends", file=sys.stderr)
-            opening = [config.prompt] if "prompt" in given else []  # --prompt, if given, is the first question
-            chat(model, tokenizer, pixel_values, config.max_new_tokens, sampling,
-                 read=lambda prompt: opening.pop() if opening else read_question(prompt))
+        if not config.chat:  # one question about each image
+            if model.config.template == "plain" and "prompt" in given:
+                print("note: a stage-1 model (plain template) ignores --prompt and captions the image", file=sys.stderr)
+            answer_images(model, tokenizer, pixel_values, config.image, config.prompt, config, sampling)
             return
-        if model.config.template == "plain" and "prompt" in given:
-            print("note: a stage-1 model (plain template) ignores --prompt and captions the image", file=sys.stderr)
-        answer_images(model, tokenizer, pixel_values, config.image, config.prompt, config, sampling)
+        print(f"chat about {config.image[0]} ({model.config.template} template): type a question; an empty line or "
+              "Ctrl-D ends", file=sys.stderr)
+        opening = [config.prompt] if "prompt" in given else []  # --prompt, if given, is the first question
+        chat(model, tokenizer, pixel_values, config.max_new_tokens, sampling,
+             read=lambda prompt: opening.pop() if opening else read_question(prompt))
 
 
 def answer_images(model, tokenizer, pixel_values, names, text, config, sampling, out=None):

@@ -313,8 +313,8 @@ def learning_rate(step, total_steps, config):
     warmup = math.ceil(config.warmup_ratio * total_steps)
     if step < warmup:
         return config.learning_rate * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)  # 0 -> 1 over the steps after warmup
-    return config.min_lr + 0.5 * (config.learning_rate - config.min_lr) * (1 + math.cos(math.pi * progress))
+    done = (step - warmup) / max(1, total_steps - warmup)  # 0 -> 1 over the steps after warmup
+    return config.min_lr + 0.5 * (config.learning_rate - config.min_lr) * (1 + math.cos(math.pi * done))
 
 # ---- the step
 
@@ -327,7 +327,7 @@ def train_step(model, optimizer, micro_batches, lr, runtime, grad_clip=1.0):
     batch is split over processes and micro-batches: each micro-batch's mean loss is weighed by its token count over
     the global count (all-reduced once), and by world_size, which DDP's and FSDP's gradient averaging divide away.
     Returns dict(loss, grad_norm, and over all processes: tokens, supervised tokens, skipped samples, FLOPs (see
-    runtime.step_flops)); loss None when the global batch has no supervised token (no update); a non-finite loss or
+    progress.step_flops)); loss None when the global batch has no supervised token (no update); a non-finite loss or
     gradient is returned without being applied.
     """
     raw = unwrap(model)
@@ -348,7 +348,7 @@ def train_step(model, optimizer, micro_batches, lr, runtime, grad_clip=1.0):
         with contextlib.nullcontext() if last or not runtime.distributed else model.no_sync():
             input_ids, pixel_values, labels = model_inputs(batch, runtime)
             with runtime.autocast():
-                _, loss = model(input_ids, pixel_values, labels)  # mean over this micro-batch's supervised tokens
+                _, loss = model(input_ids, pixel_values, labels)  # Eq. 3, averaged over the micro-batch's answers
             (loss * (supervised[k] * runtime.world_size / global_supervised)).backward()
             loss_sum += loss.detach().double() * supervised[k]
     stats["loss"] = all_reduce_sum([loss_sum.item()], runtime)[0] / global_supervised
