@@ -221,7 +221,7 @@ def start_or_resume(run, resumed):
 
 
 def read_bases(config):
-    """(the LLM's tokenizer, the vision tower's image settings), once both base directories are known to hold what a
+    """(the LLM's tokenizer, the vision tower's preprocessing: size, mean, std), once both base directories hold what a
     run reads (config.json, safetensors weights, the LLM's tokenizer.json); else one line naming the flag."""
     found = {}
     for key in ("vision_path", "llm_path"):

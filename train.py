@@ -151,12 +151,12 @@ STAGE_DEFAULTS = {
 def train(config, runtime, resumed=None, init=None):
     """The recipe, in the order it runs: data, model and stage, optimizer and schedule, then the loop of steps.
     resumed: the checkpoint --resume continues; init: --init's. Returns the trained TinyLLaVA."""
-    tokenizer, images = checkpoints.read_bases(config)
+    tokenizer, preprocessing = checkpoints.read_bases(config)  # the LLM's tokenizer, the vision tower's image sizes
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
     # 1. the data: LLaVA JSON conversations -> token ids with answer-only labels (Eq. 3), the image placed (Eq. 2)
-    data_path, dataset, val_data_path, val_dataset = load_data(config, runtime, tokenizer, images)
+    data_path, dataset, val_data_path, val_dataset = load_data(config, runtime, tokenizer, preprocessing)
     # 2. the model: g and the LLM from their checkpoints, W fresh or from --init (all trained so far, on --resume),
     #    set for the stage
     weights, source, base, init_path = checkpoints.starting_weights(config, resumed, init)
@@ -188,7 +188,7 @@ def train(config, runtime, resumed=None, init=None):
 # ---- the data: the sample order of every step, as a function of (seed, epoch) alone
 
 
-def load_data(config, runtime, tokenizer, images):
+def load_data(config, runtime, tokenizer, preprocessing):
     """(data path, dataset, held-out data path, held-out dataset or None): --data_path's LLaVA JSON, or with none the
     shapes world, which one process generates while the others wait. Missing files and malformed data stop the run."""
     data_path, val_data_path = config.data_path, config.val_data_path
@@ -200,8 +200,8 @@ def load_data(config, runtime, tokenizer, images):
         data_path, world_val = world_files(config.stage)
         val_data_path = val_data_path or world_val
     settings = dict(image_folder=config.image_folder or os.path.dirname(os.path.abspath(data_path)),
-                    tokenizer=tokenizer, template=config.template, image_size=images["size"],
-                    aspect=config.image_aspect, mean=images["mean"], std=images["std"],
+                    tokenizer=tokenizer, template=config.template, image_size=preprocessing["size"],
+                    aspect=config.image_aspect, mean=preprocessing["mean"], std=preprocessing["std"],
                     image_first_prob=config.image_first_prob, seed=config.seed,
                     max_bad_fraction=config.max_bad_fraction)
     try:  # a missing file or malformed data is the user's to fix: one message, no traceback
@@ -333,9 +333,9 @@ def train_step(model, optimizer, micro_batches, lr, runtime, grad_clip=1.0):
     raw = unwrap(model)
     supervised = [supervised_tokens(batch) for batch in micro_batches]
     lengths = [length for batch in micro_batches for length in sequence_lengths(batch, raw.num_image_tokens)]
-    images = sum(int((batch["input_ids"] == IMAGE_TOKEN_INDEX).sum()) for batch in micro_batches)
+    num_images = sum(int((batch["input_ids"] == IMAGE_TOKEN_INDEX).sum()) for batch in micro_batches)
     counts = all_reduce_sum([sum(supervised), sum(len(b["skipped"]) for b in micro_batches), sum(lengths),
-                             progress.step_flops(raw, lengths, images)], runtime)
+                             progress.step_flops(raw, lengths, num_images)], runtime)
     global_supervised = counts[0]
     stats = dict(loss=None, grad_norm=None, supervised=int(counts[0]), skipped=int(counts[1]), tokens=int(counts[2]),
                  flops=counts[3])
@@ -384,8 +384,8 @@ def supervised_tokens(batch):
 
 def sequence_lengths(batch, num_image_tokens):
     """Each sample's length in the model: its text tokens, its image placeholder counted as num_image_tokens."""
-    images = (batch["input_ids"] == IMAGE_TOKEN_INDEX).sum(1)
-    return (batch["attention_mask"].sum(1) + (num_image_tokens - 1) * images).tolist()
+    num_images = (batch["input_ids"] == IMAGE_TOKEN_INDEX).sum(1)
+    return (batch["attention_mask"].sum(1) + (num_image_tokens - 1) * num_images).tolist()
 
 # ---- the loop
 
