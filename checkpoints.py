@@ -6,6 +6,7 @@ position) and the run's own config. Here: writing and reading that state, the ch
 bases, --init's: ours or an HF LLaVA), and the refusals that keep a run from silently replacing or reusing another's
 work.
 """
+import json
 import os
 import random
 from dataclasses import asdict, replace
@@ -18,7 +19,7 @@ from data import image_settings, load_tokenizer
 from flags import Stop
 from runtime import unwrap
 from tinyllava import TinyLLaVA, TinyLLaVAConfig, base_fingerprints, check_bases, read_checkpoint, resolve
-from weights import safetensors_files
+from weights import atomic_write, safetensors_files
 
 # taken from --init's checkpoint unless given
 INIT_FIELDS = ("vision_path", "llm_path", "projector", "vision_feature_layer", "keep_class_token")
@@ -47,6 +48,10 @@ def save(run):
                            train_config=asdict(run.config), step=run.step, epoch=epoch, step_in_epoch=position,
                            skipped_in_epoch=run.skipped_in_epoch, samples=len(run.dataset),
                            steps_per_epoch=run.steps_per_epoch, world_size=runtime.world_size)
+        final = os.path.join(run.config.out_dir, "log.jsonl")
+        if run.log_path != final:  # a new run over an old one: its log replaces the old one's with its checkpoint
+            os.replace(run.log_path, final)
+            run.log_path = final
     if runtime.distributed:
         dist.barrier()
     run.last_checkpoint = run.step
@@ -203,7 +208,11 @@ def run_base(config, init, init_path, resumed):
 
 
 def start_or_resume(run, resumed):
-    """Take up where --resume's checkpoint stopped (optimizer, RNG states, step), or start a new log."""
+    """Take up where --resume's checkpoint stopped (optimizer, RNG states, step; the log cut back to that step), or
+    start a new log. Over an old run (--overwrite) the new log is log.jsonl.new until the first checkpoint replaces
+    the old ckpt.pt and log.jsonl together (save): until then both are the old run's, whole."""
+    final = os.path.join(run.config.out_dir, "log.jsonl")
+    run.log_path = final
     if resumed is not None:
         if (resumed["samples"], resumed["steps_per_epoch"]) != (len(run.dataset), run.steps_per_epoch):
             raise Stop(f"--resume: {run.data_path} now gives {len(run.dataset)} samples in {run.steps_per_epoch} "
@@ -213,11 +222,32 @@ def start_or_resume(run, resumed):
         set_rng_states(resumed["rng"])
         run.step = run.last_checkpoint = resumed["step"]
         run.skipped_in_epoch = resumed["skipped_in_epoch"]
+        if run.runtime.master and os.path.exists(final):
+            cut_log(final, run.step)  # the steps after the checkpoint are taken again
     elif run.runtime.master:
         if os.path.exists(run.checkpoint_path):  # make_config let it through: --overwrite true
-            print(f"note: --overwrite: this run's first checkpoint replaces {run.checkpoint_path}")
+            run.log_path = final + ".new"
+            print(f"note: --overwrite: this run's first checkpoint replaces {run.checkpoint_path} and {final} (its "
+                  f"log is {run.log_path} until then)")
         os.makedirs(run.config.out_dir, exist_ok=True)
-        open(os.path.join(run.config.out_dir, "log.jsonl"), "w").close()
+        open(run.log_path, "w").close()
+
+
+def cut_log(path, step):
+    """Keep the log.jsonl records up to `step`, dropping any line a kill cut short."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:
+                continue
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+    atomic_write(path, write)
 
 
 def read_bases(config):

@@ -79,8 +79,9 @@ class Settings:
     n_heldout: int = world.N_HELDOUT_IMAGES  # the world's held-out images (scored, never trained on)
     seed: int = 0  # the seed of the initializations and the batches: the same seed gives the same files
     device: Literal["cpu", "cuda"] = "cpu"  # where the bases train
-    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 (autocast): faster on CPUs with AVX512-bf16 or AMX,
-                                                       # ~30x slower with AVX2 only
+    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast. At these widths it was slower on a 2-core
+                                                       # AVX-512/AMX Xeon (train.py's stage 1: 11,700 tok/s against
+                                                       # 16,200 in float32)
     threads: int = 2  # CPU threads torch uses
     save_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # the dtype the weights are stored in (the
                                                                        # loaders cast)

@@ -59,7 +59,7 @@ def report(run, interval, epoch, lr, grad_norm, started, peak):
 def log(run, record):
     """One record (a dict) appended to the run's log.jsonl, by process 0."""
     if run.runtime.master:
-        with open(os.path.join(run.config.out_dir, "log.jsonl"), "a") as f:
+        with open(run.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 

@@ -8,6 +8,7 @@ and precision, and the model wrapped for them.
 """
 import contextlib
 import os
+import signal
 from dataclasses import dataclass, field
 
 import torch
@@ -75,6 +76,32 @@ def all_reduce_sum(values, runtime):
         tensor = tensor.to(runtime.device)
         dist.all_reduce(tensor)
     return tensor.cpu().tolist()
+
+
+class GracefulStop:
+    """Inside `with GracefulStop() as stop:`, SIGINT (Ctrl-C) and SIGTERM (a scheduler's stop; torchrun's to its
+    workers on Ctrl-C) only ask the run to stop: it finishes the step in progress and writes a checkpoint. A second
+    SIGINT stops at once (KeyboardInterrupt). stop.asked: the first signal's name, or None."""
+
+    def __enter__(self):
+        self.asked = None
+        self.previous = {kind: signal.signal(kind, self.handle) for kind in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exception):
+        for kind, handler in self.previous.items():
+            signal.signal(kind, handler)
+
+    def handle(self, kind, frame):  # no printing here: the signal may have interrupted a print
+        if self.asked and kind == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.asked = self.asked or signal.Signals(kind).name
+
+    def agreed(self, runtime):
+        """Whether any process was asked to stop: the same answer in every process, so they stop at the same step."""
+        if all_reduce_sum([float(self.asked is not None)], runtime)[0] > 0:
+            self.asked = self.asked or "SIGTERM to another process"
+        return self.asked is not None
 
 
 def wrap(model, config, runtime):

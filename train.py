@@ -7,14 +7,12 @@ Train LLaVA in its two stages (Liu et al. 2023, Sec. 4.2), on one CPU or on many
 
     python train.py --stage 1                              # -> out/stage1/ckpt.pt (W, aligned on the bases)
     python train.py --stage 2 --init out/stage1            # -> out/stage2/ckpt.pt (W and the LLM)
-    python train.py --stage 2 --resume                     # go on from out/stage2/ckpt.pt where it stopped
-    python train.py --stage 2 --overwrite true             # train again over out/stage2/ckpt.pt (else refused)
+    python train.py --stage 2 --resume                     # go on where Ctrl-C stopped it (--overwrite: start over)
     python train.py --stage 2 --out_dir out/stage2-alone   # stage 2 alone, W from scratch (the paper's ablation)
     python train.py --stage 2 --init out/stage1 --lora_r 16 --out_dir out/stage2-lora   # LoRA: W and adapters
     python train.py --stage 1 --max_steps 5 --log_interval 1 --out_dir /tmp/s1   # any TrainConfig field is a flag
-    python train.py --stage 1 --dtype bfloat16 --threads 1 # bf16 autocast, faster on CPUs with AVX512-bf16 or AMX
+    python train.py --stage 1 --threads 1                  # 1 thread when other programs load the cores
     torchrun --standalone --nproc_per_node=8 train.py --stage 2 --fsdp true   # 8 GPUs; real scale: docs/real_scale.md
-    python train.py --help                                 # every field explained, with its default
 
 Where each step of the paper happens:
 
@@ -25,10 +23,9 @@ Where each step of the paper happens:
     AdamW (no decay on biases, norms), warmup then cosine    make_optimizer, learning_rate (below)
     one step over a global batch, weighted by answer token   train_step (below)
 
-Below, in the order train() runs it: the data, the model and its stage, the optimizer and its schedule, the step,
-the loop; then the plumbing, most of it in flags.py (the command line), checkpoints.py (saving, resuming, --init),
-runtime.py (processes, devices) and progress.py (what the run prints). Each step takes one global batch, a function of
-(seed, epoch, step) alone, and one loss over all its answer tokens, however many processes and micro-batches share it.
+Below, in the order train() runs it: data, model and stage, optimizer and schedule, step, loop; then the plumbing,
+most of it in flags.py, checkpoints.py (saving, resuming, --init), runtime.py (processes) and progress.py (printing).
+Each step is one global batch, drawn from (seed, epoch, step) alone, and one loss over all its answer tokens.
 """
 import contextlib
 import math
@@ -48,7 +45,7 @@ import progress
 import world
 from data import Collator, LLaVADataset, ModalityLengthGroupedSampler
 from llama import lora_targets
-from runtime import Runtime, all_reduce_sum, end_processes, start_processes, unwrap, wrap
+from runtime import GracefulStop, Runtime, all_reduce_sum, end_processes, start_processes, unwrap, wrap
 from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TinyLLaVA, TinyLLaVAConfig
 
 
@@ -172,11 +169,14 @@ def train(config, runtime, resumed=None, init=None):
     if run.questions is not None and run.step == 0:
         run.evaluate_held_out()  # where stage 2 starts from: after stage 1 alone, zero-shot
     started = time.time()
-    take_steps(run, started)
-    checkpoints.save(run)
+    with GracefulStop() as stop:  # Ctrl-C or SIGTERM: the step in progress ends, then a checkpoint
+        take_steps(run, started, stop)
+        checkpoints.save(run)
     if run.step < run.total_steps:
-        print(f"stopped after step {run.step} of {run.total_steps} (--stop_at_step); {run.checkpoint_path} written; "
-              "go on with --resume")
+        print(f"stopped at step {run.step} of {run.total_steps} ({stop.asked or '--stop_at_step'}); "
+              f"{run.checkpoint_path} written; --resume continues")
+        if stop.asked:
+            raise SystemExit(130 if stop.asked == "SIGINT" else 143)  # what a shell expects of a process it stopped
         return model
     val_loss = run.evaluate_held_out()
     loss = "" if val_loss is None else f", held-out loss {val_loss:.4f}"
@@ -390,9 +390,10 @@ def sequence_lengths(batch, num_image_tokens):
 # ---- the loop
 
 
-def take_steps(run, started):
+def take_steps(run, started, stop):
     """Optimizer steps up to --stop_at_step or the end, epoch by epoch, each on its global batch, with the progress
-    line every log_interval steps, evals every eval_interval and checkpoints every checkpoint_interval."""
+    line every log_interval steps, evals every eval_interval and checkpoints every checkpoint_interval; after a step
+    in which a process was asked to stop (stop.agreed), none goes on."""
     config, dataset = run.config, run.dataset
     stop_step = min(run.total_steps, config.stop_at_step or run.total_steps)
     first_step, peak = run.step, progress.peak_flops(config, run.runtime)
@@ -425,6 +426,8 @@ def take_steps(run, started):
                 run.evaluate_held_out()
             if config.checkpoint_interval and run.step % config.checkpoint_interval == 0 and run.step < stop_step:
                 checkpoints.save(run)
+            if stop.agreed(run.runtime):
+                return
 
 
 @torch.no_grad()
@@ -469,6 +472,8 @@ class Run:
     step: int = 0  # optimizer steps taken
     skipped_in_epoch: int = 0  # samples of this epoch skipped by the collator (malformed or cut by max_length)
     last_checkpoint: int | None = None  # the step of the last checkpoint written
+    checkpoint_path: str = ""  # <out_dir>/ckpt.pt
+    log_path: str = ""  # <out_dir>/log.jsonl (log.jsonl.new while an old run's files wait to be replaced)
     trained_names: list = field(default_factory=list)
     val_batches: list = field(default_factory=list)
 
@@ -491,13 +496,10 @@ class Run:
                   questions=progress.held_out_questions(config, runtime, os.path.dirname(data_path)),
                   grad_accum=grad_accum, steps_per_epoch=steps_per_epoch,
                   total_steps=config.max_steps or config.epochs * steps_per_epoch, trained_names=trained_names,
-                  val_batches=validation_batches(val_dataset, config, runtime))
+                  val_batches=validation_batches(val_dataset, config, runtime),
+                  checkpoint_path=os.path.join(config.out_dir, "ckpt.pt"))
         checkpoints.start_or_resume(run, resumed)
         return run
-
-    @property
-    def checkpoint_path(self):
-        return os.path.join(self.config.out_dir, "ckpt.pt")
 
     def evaluate_held_out(self):
         """--eval_questions' accuracy, then the held-out loss, printed and logged; returns the loss (None: no data)."""
@@ -552,12 +554,11 @@ def check_config(config):
     if not 0 < config.learning_rate >= config.min_lr:
         raise flags.Stop(f"--learning_rate must be positive and at least --min_lr; got {config.learning_rate}, "
                          f"--min_lr {config.min_lr}")
-    if not 0 <= config.warmup_ratio < 1:
-        raise flags.Stop(f"--warmup_ratio must be in [0, 1), got {config.warmup_ratio}")
     if config.stage == 1 and config.init:
         raise flags.Stop("--init is for stage 2 (a checkpoint to start from); stage 1 starts W from scratch")
-    if not 0 <= config.lora_dropout < 1:
-        raise flags.Stop(f"--lora_dropout must be in [0, 1), got {config.lora_dropout}")
+    for key in ("warmup_ratio", "lora_dropout"):
+        if not 0 <= getattr(config, key) < 1:
+            raise flags.Stop(f"--{key} must be in [0, 1), got {getattr(config, key)}")
     try:
         lora_targets(config.lora_targets)
     except ValueError as error:
@@ -585,9 +586,13 @@ def main(argv=None):
         return model
     except flags.Stop as error:  # every process stops at the same point, for the same reason
         end_processes(runtime)
-        if runtime is None or runtime.master:
-            raise SystemExit(f"train.py: error: {error}") from None
-        raise SystemExit(1) from None
+        raise SystemExit(f"train.py: error: {error}" if runtime is None or runtime.master else 1) from None
+    except SystemExit:  # a signal stopped the run, its checkpoint written (train): every process leaves together
+        end_processes(runtime)
+        raise
+    except KeyboardInterrupt:  # before the first step, or a second Ctrl-C: the step in progress is not kept
+        print("\ntrain.py: stopped at once; the last checkpoint written, if any, is kept", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

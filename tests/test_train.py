@@ -6,10 +6,14 @@ import functools
 import json
 import math
 import os
+import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -23,6 +27,7 @@ import train
 import world
 from flags import explained_fields, parse as parse_flags
 from helpers import TINY_LLAMA, TINY_VISION, randomize
+from runtime import GracefulStop
 from tinyllava import TinyLLaVA
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -580,3 +585,127 @@ def test_default_tiny_pipeline_runs_from_the_command_line(tiny, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert re.search(r"overall\s+\d+/14\s+\d\.\d{4}", result.stdout), result.stdout[-2000:]
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Signals: Ctrl-C or SIGTERM finishes the step, writes a checkpoint, and --resume goes on as if nothing happened
+
+
+def start_run(argv, launcher=()):
+    """train.py as a process of its own (under `launcher`, e.g. torchrun's), its output read line by line; killed
+    with its children after 120 s, so that a run that hangs fails the test instead of stalling it."""
+    process = subprocess.Popen([sys.executable, *launcher, os.path.join(REPO, "train.py")] + argv, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
+    watchdog = threading.Timer(120, kill_tree, [process.pid])
+    watchdog.daemon = True
+    watchdog.start()
+    return process
+
+
+def children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except FileNotFoundError:  # gone already
+        return []
+
+
+def kill_tree(pid):
+    for child in children(pid):
+        kill_tree(child)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def wait_for(process, text):
+    """The lines the process printed up to the first one holding `text`."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"the run ended (status {process.wait()}) before printing {text!r}:\n{''.join(lines)}")
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_ctrl_c_at_a_random_moment_then_resume_ends_as_an_uninterrupted_run(tiny, tmp_path, stage):
+    common = dict(stage=stage, max_steps=60, checkpoint_interval=0)
+    train.main(flags(tiny, tmp_path / "whole", **common))
+    process = start_run(flags(tiny, tmp_path / "parts", **common))
+    wait_for(process, "step 1/60 |")
+    time.sleep(random.Random(stage).uniform(0, 0.3))  # somewhere in the steps that follow
+    process.send_signal(signal.SIGINT)
+    printed = "".join(wait_for(process, "stopped at step")) + process.stdout.read()
+    assert process.wait() == 130 and "Traceback" not in printed, printed
+    stopped = checkpoint(tmp_path / "parts")["step"]
+    assert 1 <= stopped < 60 and f"stopped at step {stopped} of 60 (SIGINT)" in printed and "--resume" in printed
+    assert [r["step"] for r in train_log(tmp_path / "parts")][-1] == stopped  # the log matches the checkpoint
+    train.main(flags(tiny, tmp_path / "parts", **common, resume=True))
+    whole, parts = checkpoint(tmp_path / "whole"), checkpoint(tmp_path / "parts")
+    assert parts["step"] == whole["step"] == 60
+    for name in whole["model"]:
+        assert (whole["model"][name] - parts["model"][name]).abs().max() <= 1e-6, name
+    assert [r["step"] for r in train_log(tmp_path / "parts")] == list(range(1, 61))
+
+
+def test_one_sigint_or_sigterm_only_asks_to_stop_a_second_sigint_stops_at_once():
+    with GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's, or torchrun's after the terminal's Ctrl-C: still asking
+        assert stop.asked == "SIGTERM" and stop.agreed(train.Runtime())
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    with GracefulStop() as stop:
+        assert stop.asked is None and not stop.agreed(train.Runtime())
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.asked == "SIGINT"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+
+
+def test_an_overwriting_run_killed_before_its_first_checkpoint_leaves_the_old_run_whole(tiny, tmp_path):
+    train.main(flags(tiny, tmp_path, max_steps=2))
+    old = (tmp_path / "ckpt.pt").read_bytes(), (tmp_path / "log.jsonl").read_bytes()
+    process = start_run(flags(tiny, tmp_path, max_steps=500, checkpoint_interval=0, overwrite=True))
+    assert "log.jsonl.new until then" in "".join(wait_for(process, "step 2/500 |"))
+    process.kill()  # kill -9: no checkpoint, no cleanup
+    process.wait()
+    assert ((tmp_path / "ckpt.pt").read_bytes(), (tmp_path / "log.jsonl").read_bytes()) == old
+    train.main(flags(tiny, tmp_path, max_steps=3, overwrite=True))  # a run that reaches its checkpoint replaces both
+    assert [r["step"] for r in train_log(tmp_path)] == [1, 2, 3] and checkpoint(tmp_path)["step"] == 3
+    assert not (tmp_path / "log.jsonl.new").exists()
+
+
+def test_resume_cuts_the_log_back_to_the_checkpoint_and_drops_a_line_cut_short(tiny, tmp_path):
+    train.main(flags(tiny, tmp_path, max_steps=4, stop_at_step=2))
+    with open(tmp_path / "log.jsonl", "a") as f:  # what a kill -9 after step 3 leaves behind
+        f.write('{"kind": "train", "step": 3, "loss": 1.0}\n{"kind": "train", "st')
+    train.main(flags(tiny, tmp_path, max_steps=4, resume=True))
+    assert [r["step"] for r in train_log(tmp_path)] == [1, 2, 3, 4]
+
+
+@pytest.mark.torchrun
+def worker(agent, rank):
+    """The pid of torchrun's process of that rank (read from /proc: the agent's children and their environment)."""
+    for pid in children(agent):
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                return pid
+    raise AssertionError(f"no process of rank {rank} among torchrun's children {children(agent)}")
+
+
+def test_sigterm_to_one_process_under_torchrun_stops_all_at_its_step_and_resume_ends_as_uninterrupted(tiny, tmp_path):
+    common = dict(max_steps=60, checkpoint_interval=0)
+    train.main(flags(tiny, tmp_path / "whole", **common))
+    process = start_run(flags(tiny, tmp_path / "parts", **common),
+                        launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    wait_for(process, "step 2/60 |")
+    os.kill(worker(process.pid, rank=1), signal.SIGTERM)  # one process alone is asked: both must stop at its step
+    printed = "".join(wait_for(process, "stopped at step")) + process.stdout.read()
+    process.wait()
+    stopped = checkpoint(tmp_path / "parts")["step"]
+    assert 2 <= stopped < 60 and f"stopped at step {stopped} of 60 (SIGTERM to another process)" in printed, printed
+    train.main(flags(tiny, tmp_path / "parts", **common, resume=True))  # in one process: the same steps
+    whole, parts = checkpoint(tmp_path / "whole"), checkpoint(tmp_path / "parts")
+    for name in whole["model"]:
+        assert (whole["model"][name] - parts["model"][name]).abs().max() <= 1e-5, name
