@@ -77,6 +77,15 @@ def saved_template(path):
         raise Stop(str(error)) from None
 
 
+def refuse_captioner(flags, path, asker):
+    """Stop, before any loading, when `asker` would put questions to a model prompted in the plain template (stage
+    1's), which only captions: they would get captions back and score nothing."""
+    if (flags.template or saved_template(path)) == "plain":
+        which = "--template plain" if flags.template else f"{path} is a stage-1 model (plain template): it"
+        raise Stop(f"{asker} asks questions, but {which} only captions; add --template vicuna_v1 to ask a stage-1 "
+                   "model zero-shot (its LLM answers), or give a stage-2 checkpoint")
+
+
 def load(flags, path=None):
     """(model, tokenizer) from --ckpt or --hf (path: find_model's answer, when the caller looked already), on the
     device and in the dtype the flags ask, prompted with --template and fed images as --aspect says. LoRA adapters are

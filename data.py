@@ -247,12 +247,26 @@ def to_rgb(image):
 def load_image(path):
     """An image file as RGB, EXIF orientation applied. Any failure (missing, empty, truncated, not an image, a
     decompression bomb) raises ImageError naming the file."""
+    def decoded(image):
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image))  # exif_transpose returns a copy, safe after close
+    return with_image(path, decoded)
+
+
+def check_image(path):
+    """What can be known of an image file without decoding it, as a check before training: that it opens, and (PNG,
+    GIF) that its data is whole (Image.verify). ImageError names the file. A JPEG cut short in its data passes: it
+    fails when it loads (load_image)."""
+    with_image(path, lambda image: image.verify())
+
+
+def with_image(path, use):
+    """use(the opened image file); any failure raises ImageError naming the file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # a bomb fails instead of merely warning
             with Image.open(path) as image:
-                image.load()
-                return to_rgb(ImageOps.exif_transpose(image))  # exif_transpose returns a copy, safe after close
+                return use(image)
     except Exception as error:
         raise ImageError(f"cannot load image {path}: {type(error).__name__}: {error}") from error
 
@@ -321,6 +335,10 @@ def read_records(source):
     except json.JSONDecodeError as error:
         raise ValueError(f"{source}: malformed JSON at line {error.lineno}, column {error.colno}: "
                          f"{error.msg}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{source}: not a LLaVA JSON file (not UTF-8 text)") from None
+    except OSError as error:
+        raise ValueError(f"{source}: {error.strerror.lower()}") from None
     if not isinstance(records, list):
         raise ValueError(f"{source}: expected a JSON list of records, got a {type(records).__name__}")
     return records
@@ -358,7 +376,8 @@ class LLaVADataset(torch.utils.data.Dataset):
     they were started with)."""
 
     def __init__(self, records_or_json_path, image_folder, tokenizer, template="vicuna_v1", image_size=336,
-                 aspect="crop", mean=CLIP_MEAN, std=CLIP_STD, image_first_prob=0.5, seed=0, max_bad_fraction=0.01):
+                 aspect="crop", mean=CLIP_MEAN, std=CLIP_STD, image_first_prob=0.5, seed=0, max_bad_fraction=0.01,
+                 check_images=True):
         source = records_or_json_path if isinstance(records_or_json_path, (str, os.PathLike)) else "records"
         records = read_records(records_or_json_path)
         _template(template)  # an unknown template fails now, and so does a tokenizer without BOS or EOS
@@ -369,17 +388,36 @@ class LLaVADataset(torch.utils.data.Dataset):
                 self.samples.append(check_record(record, index, template))
             except ValueError as error:
                 self.skipped.append(str(error))
+        if check_images:  # once, before any training: a missing or broken image is found now, not at its step
+            self.skip_unreadable_images(image_folder)
         if self.skipped:
             print(f"data: {source}: skipped {len(self.skipped)} of {len(records)} records:")
             for message in self.skipped[:10]:
                 print(f"  {message}")
-        if len(self.skipped) > max_bad_fraction * len(records) or not self.samples:
-            raise ValueError(f"{source}: {len(self.skipped)} of {len(records)} records are malformed (allowed: "
-                             f"max_bad_fraction={max_bad_fraction}); first: {self.skipped[0] if self.skipped else '-'}")
+        allowed = int(max_bad_fraction * len(records))
+        if len(self.skipped) > allowed or not self.samples:
+            needed = len(self.skipped) / len(records)
+            hint = f"; --max_bad_fraction {needed:.2g} would skip them" if self.samples else ""
+            raise ValueError(f"{source}: {len(self.skipped)} of {len(records)} records are malformed or have an "
+                             f"unreadable image, more than the {allowed} --max_bad_fraction {max_bad_fraction} allows"
+                             f"{hint}; first: {self.skipped[0] if self.skipped else '-'}")
         self.lengths = [length for *_, length in self.samples]
         self.image_folder, self.tokenizer, self.template = image_folder, tokenizer, template
         self.image_size, self.aspect, self.mean, self.std = image_size, aspect, mean, std
         self.image_first_prob, self.seed, self.epoch = image_first_prob, seed, 0
+
+    def skip_unreadable_images(self, image_folder):
+        """Move the samples whose image does not open (check_image) to the skipped ones, each distinct image checked
+        once."""
+        reasons = {}
+        for image in dict.fromkeys(image for _, image, _, _ in self.samples if image):
+            try:
+                check_image(os.path.join(image_folder, image))
+            except ImageError as error:
+                reasons[image] = str(error)
+        self.skipped += [f"sample {sample_id}: {reasons[image]}" for sample_id, image, *_ in self.samples
+                         if image in reasons]
+        self.samples = [sample for sample in self.samples if sample[1] not in reasons]
 
     def set_epoch(self, epoch):
         self.epoch = epoch

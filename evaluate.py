@@ -15,6 +15,7 @@ Examples:
     python evaluate.py --score choice --answers a.jsonl --truth t.jsonl  # ScienceQA/MMBench letters
     python evaluate.py --score pope --answers a.jsonl --truth t.jsonl   # POPE yes/no, per negative sampling
     python evaluate.py --plot out/stage2-curve/log.jsonl --png curve.png  # held-out accuracy against the step
+    python evaluate.py --plot out/stage2/log.jsonl --curve loss --png loss.png  # the training loss
 
 The model is chosen as sample.py chooses it: --ckpt, --hf, or out/stage2, else out/stage1. LLaVA's evaluation files
 are read and written as its model_vqa.py does (question lines {"question_id", "image", "text"[, "category"]}, a line
@@ -38,6 +39,7 @@ import ask
 import flags
 import world
 from data import ImageError, load_image, question_ids
+from tinyllava import fingerprint, read_checkpoint
 
 USAGE = ("python evaluate.py [--ckpt PATH] [--limit N]   |   --questions FILE --answers FILE   |   --score KIND "
          "--answers FILE --truth PATH   |   --read_image FILE ...   |   --plot LOG ... --png FILE")
@@ -67,7 +69,7 @@ class EvalConfig(ask.ModelFlags):
     truth: str = ""  # the answer key: JSON lines {question_id, answer or label[, category]}, a JSON object by
                      # question id (GQA's questions file, ScienceQA's problems.json), or POPE's annotation directory
                      # of coco_pope_{category}.json files (with --questions, whose order pairs questions and labels)
-    # pictures: --read_image (with the model flags and --batch_size); --plot (with --png)
+    # pictures: --read_image (with the model flags and --batch_size); --plot (with --png, --curve)
     read_image: list[str] = field(default_factory=list)  # show, for each of these image files, what each image token
                                                          # reads as in the LLM's word embeddings, as a grid: the
                                                          # nearest cell the tiny bases' scene words can write, else
@@ -76,13 +78,16 @@ class EvalConfig(ask.ModelFlags):
                                                    # against the step, one curve per log.jsonl (labelled by its
                                                    # directory), into --png
     png: str = "curve.png"  # the picture --plot draws
+    curve: Literal["accuracy", "val_loss", "loss"] = "accuracy"  # what --plot draws against the step: the held-out
+                                                                 # exact match (train.py --eval_questions), the
+                                                                 # held-out loss or the training loss
     # generation: for the modes that ask the model questions (the world's eval, --questions)
     max_new_tokens: int = 256  # most tokens per answer
     batch_size: int = 32  # questions (or images) per generate call
 
 
 # What each mode reads, beyond the model flags for the modes that load a model; any other flag given is refused.
-MODES = {"score": {"score", "answers", "truth", "questions"}, "plot": {"plot", "png"},
+MODES = {"score": {"score", "answers", "truth", "questions"}, "plot": {"plot", "png", "curve"},
          "questions": {"questions", "answers", "image_folder", "num_chunks", "chunk_idx", "max_bad_fraction",
                        "max_new_tokens", "batch_size"},
          "read_image": {"read_image", "batch_size"}, "world": {"world", "limit", "max_new_tokens", "batch_size"}}
@@ -99,7 +104,7 @@ def main(argv=None):
         if mode == "score":
             print(f"accuracy: {score(config.score, config.answers, config.truth, questions=config.questions):.4f}")
         elif mode == "plot":
-            plot_curves(config.plot, config.png)
+            plot_curves(config.plot, config.png, config.curve)
             print(f"wrote {config.png}", file=sys.stderr)
         elif mode == "questions":
             answer_question_file(config)
@@ -151,7 +156,9 @@ def world_eval(config):
     except ValueError as error:
         raise flags.Stop(str(error)) from None
     images = [load_image(os.path.join(directory, item["image"])) for item in items]
-    model, tokenizer = ask.load(config)
+    path = ask.find_model(config)
+    ask.refuse_captioner(config, path, "the world's eval")
+    model, tokenizer = ask.load(config, path)
     print(f"eval: {len(items)} questions from {os.path.join(directory, 'eval.json')}", file=sys.stderr)
     accuracy = exact_match_table(model, tokenizer, items, images, config.batch_size, config.max_new_tokens)
     share = share_read_right(model, tokenizer, directory, sorted({item["image"] for item in items}),
@@ -255,16 +262,32 @@ def answer_question_file(config):
         raise flags.Stop(f"{len(bad)} bad lines of {total} in {config.questions}, more than --max_bad_fraction "
                          f"{config.max_bad_fraction}; first: {bad[0]}")
     mine = chunk(questions, config.num_chunks, config.chunk_idx)
-    done = answered_ids(config.answers)
+    path = ask.find_model(config)
+    settings = answer_settings(config, path)
+    done = answered_ids(config.answers, settings)
     todo = [(number, q) for number, q in mine if q["question_id"] not in done]
     print(f"questions: {len(mine)} in chunk {config.chunk_idx} of {config.num_chunks} from {config.questions}, "
           f"{len(mine) - len(todo)} already in {config.answers}, {len(todo)} to answer", file=sys.stderr)
     if not todo:
         return
-    path = ask.find_model(config)
+    ask.refuse_captioner(config, path, "--questions")
     model, tokenizer = ask.load(config, path)
     image_folder = config.image_folder or os.path.dirname(os.path.abspath(config.questions))
-    answer_file(model, tokenizer, todo, image_folder, ask.model_id(path), config, bad)
+    answer_file(model, tokenizer, todo, image_folder, ask.model_id(path), config, bad, settings)
+
+
+def answer_settings(config, path):
+    """What decides the answers: the model, by content (its fingerprint: the same weights under any path), and how it
+    is asked. Every answer line carries them (metadata "tinyllava"), so that a resumed file is never another's."""
+    is_hf = os.path.isfile(os.path.join(path, "config.json"))
+    try:
+        saved = {} if is_hf else read_checkpoint(path, mmap=True)["config"]
+    except (FileNotFoundError, ValueError) as error:
+        raise flags.Stop(str(error)) from None
+    return dict(model=path, fingerprint=fingerprint(path),
+                template=config.template or ("vicuna_v1" if is_hf else saved.get("template")),
+                aspect=config.aspect or ("pad" if is_hf else saved.get("image_aspect")),
+                max_new_tokens=config.max_new_tokens)
 
 
 def read_questions(path):
@@ -311,9 +334,10 @@ def chunk(items, num_chunks, index):
     return items[index * size:(index + 1) * size]
 
 
-def answered_ids(path):
-    """The question ids already in an answer file: a run killed halfway goes on after them. A last line the kill cut
-    short is removed first (its question is asked again), so that appending starts on a line of its own."""
+def answered_ids(path, settings):
+    """The question ids already in an answer file: a run killed halfway goes on after them, if they were answered
+    with these settings (answer_settings; else the file is refused, naming both). A last line the kill cut short is
+    removed first (its question is asked again), so that appending starts on a line of its own."""
     if not os.path.isfile(path):
         return set()
     with open(path, "rb+") as f:
@@ -326,10 +350,23 @@ def answered_ids(path):
     done = set()
     for number, line in enumerate(content.decode("utf-8").splitlines(), 1):
         try:
-            done.add(json.loads(line)["question_id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+            record = json.loads(line)
+            done.add(record["question_id"])
+            written = record.get("metadata", {}).get("tinyllava")
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise flags.Stop(f"--answers {path}:{number}: not an answer line; give another --answers file") from None
+        if written is None or {k: v for k, v in written.items() if k != "model"} != \
+                {k: v for k, v in settings.items() if k != "model"}:
+            raise flags.Stop(f"--answers {path}:{number} was answered by {describe_settings(written)}, not by "
+                             f"{describe_settings(settings)}: give another --answers file, or remove it to start over")
     return done
+
+
+def describe_settings(settings):
+    if settings is None:
+        return "another program (no tinyllava settings in its metadata)"
+    return (f"{settings['model']} (fingerprint {settings['fingerprint']}, template {settings['template']}, aspect "
+            f"{settings['aspect']}, max_new_tokens {settings['max_new_tokens']})")
 
 
 def batch_images(questions, image_folder, config, bad, total):
@@ -351,7 +388,7 @@ def batch_images(questions, image_folder, config, bad, total):
     return kept, images
 
 
-def answer_file(model, tokenizer, questions, image_folder, model_name, config, bad):
+def answer_file(model, tokenizer, questions, image_folder, model_name, config, bad, settings):
     """Answer the questions greedily in batches (the image before the question, as model_vqa; text-only ones without
     one), appending each batch's answer lines to --answers as it is done, with an ETA."""
     total, started = len(questions) + len(bad), time.time()
@@ -368,8 +405,8 @@ def answer_file(model, tokenizer, questions, image_folder, model_name, config, b
                 for question, text in zip(group, texts):
                     out.write(json.dumps({"question_id": question["question_id"], "prompt": question["text"],
                                           "text": text, "answer_id": uuid.uuid4().hex[:22], "model_id": model_name,
-                                          "metadata": {"category": question["category"]} if question["category"]
-                                          else {}}) + "\n")
+                                          "metadata": ({"category": question["category"]} if question["category"]
+                                                       else {}) | {"tinyllava": settings}}) + "\n")
             out.flush()
             done, elapsed = min(start + config.batch_size, len(questions)), time.time() - started
             print(f"answers: {done}/{len(questions)}, {elapsed:.0f}s, ETA "
@@ -554,39 +591,55 @@ def format_compliance(kind, pairs, texts):
 # Learning curves: held-out accuracy against the step, from train.py's logs
 
 
-def read_curve(path):
-    """(the run's name: its directory, [(step, accuracy)]) of a train.py log.jsonl's held-out accuracies."""
+CURVES = {"accuracy": "held-out exact-match accuracy", "val_loss": "held-out loss", "loss": "training loss"}
+
+
+def read_curve(path, curve):
+    """(the run's name: its directory, [(step, value)]) of one curve of a train.py log.jsonl."""
     try:
         with open(path) as f:
-            points = [(r["step"], r["accuracy"]) for r in map(json.loads, f) if "accuracy" in r]
+            points = [(r["step"], r[curve]) for r in map(json.loads, f) if curve in r]
     except (OSError, json.JSONDecodeError, KeyError) as error:
         raise flags.Stop(f"--plot {path}: cannot read a train.py log ({error})") from None
     if not points:
-        raise flags.Stop(f"--plot {path}: no held-out accuracy logged (train stage 2 with --eval_questions N)")
+        raise flags.Stop(f"--plot {path}: no {CURVES[curve]} logged" + (
+            " (train stage 2 with --eval_questions N)" if curve == "accuracy" else ""))
     return os.path.basename(os.path.dirname(os.path.abspath(path))), points
 
 
-def plot_curves(logs, png, size=(720, 440), margin=60):
-    """Each log.jsonl's held-out accuracies as one curve (step on x, accuracy 0..1 on y), drawn into a PNG."""
+def plot_font():
+    """Pillow's scalable default font (Pillow 10.1+); its bitmap one draws spaces one pixel wide."""
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=13)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def plot_curves(logs, png, curve="accuracy", size=(720, 440), margin=60):
+    """One curve of each log.jsonl (step on x; accuracy from 0 to 1, or a loss from 0 to its largest value, on y),
+    drawn into a PNG."""
     from PIL import Image, ImageDraw
-    curves = [read_curve(path) for path in logs]
+    font = plot_font()
+    curves = [read_curve(path, curve) for path in logs]
     width, height = size
-    last = max(step for _, points in curves for step, _ in points)
-    to_xy = lambda step, accuracy: (margin + (width - 2 * margin) * step / last,
-                                    height - margin - (height - 2 * margin) * accuracy)
+    last = max(step for _, points in curves for step, _ in points) or 1
+    top = 1.0 if curve == "accuracy" else max(value for _, points in curves for _, value in points) * 1.05
+    to_xy = lambda step, value: (margin + (width - 2 * margin) * step / last,
+                                 height - margin - (height - 2 * margin) * value / top)
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    for tick in range(0, 11, 2):  # the accuracy grid, 0 to 1
-        x0, y = to_xy(0, tick / 10)
+    for tick in range(6):  # the value grid, 0 to top
+        x0, y = to_xy(0, top * tick / 5)
         draw.line([(x0, y), (width - margin, y)], fill=(225, 225, 225))
-        draw.text((10, y - 6), f"{tick / 10:.1f}", fill="black")
+        draw.text((8, y - 7), f"{top * tick / 5:.2f}", fill="black", font=font)
     draw.line([to_xy(0, 0), to_xy(last, 0)], fill="black")
-    draw.line([to_xy(0, 0), to_xy(0, 1)], fill="black")
+    draw.line([to_xy(0, 0), to_xy(0, top)], fill="black")
     for step in (0, last // 2, last):
         x, y = to_xy(step, 0)
-        draw.text((x - 10, y + 8), str(step), fill="black")
-    draw.text((width // 2 - 60, height - 25), "stage-2 optimizer step", fill="black")
-    draw.text((margin, 15), "held-out exact-match accuracy", fill="black")
+        draw.text((x - 10, y + 8), str(step), fill="black", font=font)
+    draw.text((width // 2 - 50, height - 25), "optimizer step", fill="black", font=font)
+    draw.text((margin, 15), CURVES[curve], fill="black", font=font)
     colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
     for k, (label, points) in enumerate(curves):
         color = colors[k % len(colors)]
@@ -594,8 +647,7 @@ def plot_curves(logs, png, size=(720, 440), margin=60):
         for point in points:
             x, y = to_xy(*point)
             draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
-        draw.text((width - margin - 150, height - margin - 20 - 16 * (len(curves) - k)),
-                  f"{label}: {points[-1][1]:.3f}", fill=color)
+        draw.text((width - margin - 170, 40 + 16 * k), f"{label}: {points[-1][1]:.3f}", fill=color, font=font)
     image.save(png)
 
 

@@ -21,6 +21,15 @@ PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("
                    ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165e12))
 
 
+def report_skipped(run, micro_batches):
+    """Print why each sample a step could not use was skipped (an image that did not load, a sample max_length cuts),
+    once per sample, not once per epoch."""
+    for message in (message for batch in micro_batches for message in batch["skipped"]):
+        if message not in run.reported:
+            run.reported.add(message)
+            print(f"skipped: {message}")
+
+
 def check_step(run, stats, epoch):
     """Stop on too many bad samples or a loss that is not finite; say so when a step had nothing to learn from."""
     records = len(run.dataset) + len(run.dataset.skipped)
@@ -28,7 +37,8 @@ def check_step(run, stats, epoch):
     if bad > run.config.max_bad_fraction * records:
         raise Stop(f"{bad} bad samples in epoch {epoch} of {run.data_path} (malformed, unreadable images, or cut by "
                    f"max_length {run.collator.max_length}), more than --max_bad_fraction {run.config.max_bad_fraction} "
-                   f"of its {records}; fix the data or raise it")
+                   f"of its {records} allows ({int(run.config.max_bad_fraction * records)}); fix the data, or skip "
+                   f"them with --max_bad_fraction {bad / records:.2g}")
     if stats["loss"] is None:
         print(f"step {run.step}: no supervised token in the global batch ({stats['skipped']} samples skipped); "
               "no update")

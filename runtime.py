@@ -98,10 +98,13 @@ class GracefulStop:
         self.asked = self.asked or signal.Signals(kind).name
 
     def agreed(self, runtime):
-        """Whether any process was asked to stop: the same answer in every process, so they stop at the same step."""
-        if all_reduce_sum([float(self.asked is not None)], runtime)[0] > 0:
-            self.asked = self.asked or "SIGTERM to another process"
-        return self.asked is not None
+        """Whether any process was asked to stop: the same answer in every process, so they stop at the same step.
+        The answer is the all-reduced one only: a signal that lands after this process gave its flag is seen at the
+        next step, by all."""
+        if all_reduce_sum([float(self.asked is not None)], runtime)[0] == 0:
+            return False
+        self.asked = self.asked or "SIGTERM to another process"
+        return True
 
 
 def wrap(model, config, runtime):

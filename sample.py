@@ -8,6 +8,7 @@ Examples:
     python sample.py --image photo.png --prompt "What color is the circle?"   # one question, streamed to stdout
     python sample.py --image a.png b.png --prompt "How many shapes are there?"  # one batch, an answer per file
     python sample.py --image photo.png --chat                                 # multi-turn; an empty line or Ctrl-D ends
+    python sample.py --prompt "Say hello in French."                          # a question without an image
     python sample.py --ckpt out/stage1 --image photo.png                      # a stage-1 model captions the image
     python sample.py --ckpt out/stage2-lora --image photo.png                 # a LoRA run (adapters merged on load)
     python sample.py --image photo.png --temperature 0.2 --seed 7             # sampled, as LLaVA's chat demo
@@ -58,42 +59,41 @@ def main(argv=None):
         given = flags.command_line(SampleConfig, argv, "sample.py", USAGE, __doc__)
         if given is None:  # --help
             return
-        config = checked(SampleConfig(**given))
+        config = checked(SampleConfig(**given), given)
         images = [load_image(path) for path in config.image]  # a typo in a path should not cost a 7B load first
         path = ask.find_model(config)
-        if config.chat and (config.template or ask.saved_template(path)) == "plain":
-            raise flags.Stop("--chat needs an instruction-tuned model (vicuna_v1 template, a stage-2 checkpoint); "
-                             + ("--template plain" if config.template else f"{path} uses plain (stage 1)")
-                             + " only captions: drop --chat")
+        if config.chat or not images:
+            ask.refuse_captioner(config, path, "--chat" if config.chat else "a --prompt without --image")
         model, tokenizer = ask.load(config, path)
         generator = torch.Generator(device=model.llm.embed_tokens.weight.device).manual_seed(config.seed)
         sampling = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, generator=generator)
-        pixel_values = ask.to_pixels(model, images)
-        if not config.chat:  # one question about each image
+        pixel_values = ask.to_pixels(model, images) if images else None  # None: text only, as some LLaVA records
+        if not config.chat:  # one question about each image (or none)
             if model.config.template == "plain" and "prompt" in given:
                 print("note: a stage-1 model (plain template) ignores --prompt and captions the image", file=sys.stderr)
             answer_images(model, tokenizer, pixel_values, config.image, config.prompt, config, sampling)
             return
-        print(f"chat about {config.image[0]} ({model.config.template} template): type a question; an empty line or "
-              "Ctrl-D ends", file=sys.stderr)
+        print(f"chat about {config.image[0] if images else 'no image'} ({model.config.template} template): type a "
+              "question; an empty line or Ctrl-D ends", file=sys.stderr)
         opening = [config.prompt] if "prompt" in given else []  # --prompt, if given, is the first question
         chat(model, tokenizer, pixel_values, config.max_new_tokens, sampling,
              read=lambda prompt: opening.pop() if opening else read_question(prompt))
 
 
 def answer_images(model, tokenizer, pixel_values, names, text, config, sampling, out=None):
-    """One question about each image (N, 3, S, S). A single image streams its answer; several are generated in
-    batches (left padding is generate_stream's business) and each answer is printed as 'file: answer' when its
-    batch is done."""
+    """One question about each image (N, 3, S, S), or about none (pixel_values None). One answer is streamed; several
+    are generated in batches (left padding is generate_stream's business) and each is printed as 'file: answer' when
+    its batch is done."""
     out = out or sys.stdout
-    prompt = question_ids(text, tokenizer, model.config.template)
-    budget = ask.answer_budget(model, 0, len(prompt) - 1 + model.num_image_tokens, config.max_new_tokens, "--prompt")
+    prompt = question_ids(text, tokenizer, model.config.template, image=pixel_values is not None)
+    positions = len(prompt) - 1 + model.num_image_tokens if pixel_values is not None else len(prompt)
+    budget = ask.answer_budget(model, 0, positions, config.max_new_tokens, "--prompt")
     stops = stop_token_ids(tokenizer, model.config.template)
-    for start in range(0, len(pixel_values), config.batch_size):
-        batch = pixel_values[start:start + config.batch_size]
-        tokens = model.generate_stream([prompt] * len(batch), batch, max_new_tokens=budget, stop_token_ids=stops,
-                                       **sampling)
-        if len(pixel_values) == 1:
+    for start in range(0, len(names) or 1, config.batch_size):
+        batch = None if pixel_values is None else pixel_values[start:start + config.batch_size]
+        tokens = model.generate_stream([prompt] * (1 if batch is None else len(batch)), batch, max_new_tokens=budget,
+                                       stop_token_ids=stops, **sampling)
+        if len(names) <= 1:
             stream_answer((int(token[0]) for token in tokens), tokenizer, stops, out)
             return
         generated = torch.stack(list(tokens), dim=1).tolist()  # (B, N)
@@ -120,7 +120,8 @@ def stream_answer(tokens, tokenizer, stops, out):
 
 def chat(model, tokenizer, pixel_values, max_new, sampling, read, out=None):
     """
-    A conversation about one image, each turn continuing in one KV cache: only the new turn's tokens are prefilled.
+    A conversation about one image (or none: pixel_values None), each turn continuing in one KV cache: only the new
+    turn's tokens are prefilled.
     read(prompt) gives the next question (None or an empty line ends). Returns [(ids fed this turn, answer ids)].
 
     The cache holds every position seen so far except the last answer's final token: generate_stream yields it but
@@ -140,7 +141,7 @@ def chat(model, tokenizer, pixel_values, max_new, sampling, read, out=None):
     conversation, turns, unfed = [], [], []
     while (text := read("> ")) is not None and text.strip():
         first = not conversation
-        conversation.append({"from": "human", "value": (IMAGE_TAG + "\n" if first else "")
+        conversation.append({"from": "human", "value": (IMAGE_TAG + "\n" if first and pixel_values is not None else "")
                              + text.replace(IMAGE_TAG, "").strip()})
         prompt = encode_prompt(conversation, tokenizer, template, image_first=True)
         if first:
@@ -148,7 +149,8 @@ def chat(model, tokenizer, pixel_values, max_new, sampling, read, out=None):
         else:
             known = len(encode_conversation(conversation[:-1], tokenizer, template, image_first=True)[0])
             new_ids = unfed + prompt[known:]  # (last answer token, [end of turn]) + "USER: {question} ASSISTANT:"
-        new_positions = (len(new_ids) - 1 + model.num_image_tokens) if first else len(new_ids)  # image counted
+        new_positions = len(new_ids) - 1 + model.num_image_tokens if first and pixel_values is not None \
+            else len(new_ids)  # the image placeholder becomes num_image_tokens positions
         budget = ask.answer_budget(model, cache.length, new_positions, max_new,
                                    "the conversation is too long; start a new chat")
         tokens = model.generate_stream([new_ids], pixel_values if first else None, cache=cache,
@@ -173,10 +175,15 @@ def read_question(prompt):
     return line if line else None
 
 
-def checked(config):
+def checked(config, given):
     """The config, once every flag makes sense with the others; else one line naming the flag."""
-    if not config.image:
-        raise flags.Stop("give an --image FILE (evaluate.py runs the held-out eval and the benchmarks)")
+    if not config.image and "prompt" not in given and not config.chat:
+        raise flags.Stop("give an --image FILE, or a --prompt (or --chat) to ask without one (evaluate.py runs the "
+                         "held-out eval and the benchmarks)")
+    for flag in ("top_k", "top_p", "seed"):
+        if flag in given and config.temperature == 0:
+            raise flags.Stop(f"--{flag} does nothing at --temperature 0 (greedy decoding): give a --temperature above "
+                             "0 to sample, or leave it out")
     if not config.prompt.strip():
         raise flags.Stop(f"--prompt is empty: ask a question, or leave --prompt out for the default "
                          f"({SampleConfig.prompt!r})")

@@ -204,12 +204,13 @@ def load_data(config, runtime, tokenizer, preprocessing):
                     aspect=config.image_aspect, mean=preprocessing["mean"], std=preprocessing["std"],
                     image_first_prob=config.image_first_prob, seed=config.seed,
                     max_bad_fraction=config.max_bad_fraction)
-    try:  # a missing file or malformed data is the user's to fix: one message, no traceback
-        dataset = LLaVADataset(data_path, **settings)
-        val_dataset = LLaVADataset(val_data_path, **settings) if val_data_path else None
-    except (OSError, ValueError) as error:
-        raise flags.Stop(str(error)) from None
-    return data_path, dataset, val_data_path, val_dataset
+    datasets = []
+    for flag, path in (("--data_path", data_path), ("--val_data_path", val_data_path)):
+        try:  # a missing file or malformed data is the user's to fix: one line naming the flag, no traceback
+            datasets.append(LLaVADataset(path, **settings) if path else None)
+        except (OSError, ValueError) as error:
+            raise flags.Stop(f"{flag} {error}") from None
+    return data_path, datasets[0], val_data_path, datasets[1]
 
 
 def world_files(stage):
@@ -407,8 +408,7 @@ def take_steps(run, started, stop):
                               run.runtime))
         for step_plan in plan[:stop_step - run.step]:
             micro_batches = [next(batches) for _ in step_plan]
-            for message in (message for batch in micro_batches for message in batch["skipped"]):
-                print(f"skipped: {message}")
+            progress.report_skipped(run, micro_batches)
             lr = learning_rate(run.step, run.total_steps, config)
             stats = train_step(run.model, run.optimizer, micro_batches, lr, run.runtime, config.grad_clip)
             run.step += 1
@@ -472,6 +472,7 @@ class Run:
     step: int = 0  # optimizer steps taken
     skipped_in_epoch: int = 0  # samples of this epoch skipped by the collator (malformed or cut by max_length)
     last_checkpoint: int | None = None  # the step of the last checkpoint written
+    reported: set = field(default_factory=set)  # the messages of the samples skipped so far, each printed once
     checkpoint_path: str = ""  # <out_dir>/ckpt.pt
     log_path: str = ""  # <out_dir>/log.jsonl (log.jsonl.new while an old run's files wait to be replaced)
     trained_names: list = field(default_factory=list)
@@ -481,7 +482,7 @@ class Run:
     def start(cls, config, runtime, model, optimizer, tokenizer, data_path, dataset, val_dataset, resumed):
         """The run, its model wrapped for the processes, where --resume's checkpoint stopped or at step 0."""
         max_length = min(config.max_length, model.llm.config.max_position_embeddings)
-        if max_length < config.max_length:
+        if max_length < config.max_length != TrainConfig.max_length:  # said when it was asked for
             print(f"note: max_length {config.max_length} capped at the LLM's context, {max_length}")
         runtime.pad_token_id = next((tokenizer.token_to_id(t) for t in ("<pad>", "<unk>")
                                      if tokenizer.token_to_id(t) is not None), 0)

@@ -10,7 +10,7 @@ its instruction tuning, short-answer and multiple-choice records in LLaVA-1.5's 
 disk as LLaVA JSON and PNG files, so training reads it through the same data path as real data; the held-out split
 also gets three benchmarks in LLaVA's question-file format (shapes-VQA, shapes-SQA, shapes-POPE).
 
-    python world.py                          # generate the default world under cache/world/ and print a summary
+    python world.py                          # generate the default world (cache/world/default) and print a summary
     python world.py --seed 1 --root /tmp/w   # another seed, another place
     python world.py --choice_answer reasoning_first   # the ScienceQA ablation's world (see CHOICE_ANSWERS)
 
@@ -796,32 +796,44 @@ def world_directory(root=DEFAULT_ROOT, seed=0, n_train=N_TRAIN_IMAGES, n_heldout
 
 def ensure_world(root=DEFAULT_ROOT, seed=0, n_train=N_TRAIN_IMAGES, n_heldout=N_HELDOUT_IMAGES,
                  eval_per_type=EVAL_PER_TYPE, choice_answer="letter"):
-    """The world's directory (see world_directory), generated on first use."""
+    """The world's directory (see world_directory), generated on first use. The default world (train.py's) is also
+    reachable as root/default, a link kept pointing at it: a path that stays the same when other worlds exist."""
     if choice_answer not in CHOICE_ANSWERS:
         raise ValueError(f"choice_answer must be one of {', '.join(CHOICE_ANSWERS)}, got {choice_answer!r}")
     directory = world_directory(root, seed, n_train, n_heldout, eval_per_type, choice_answer)
-    if directory.exists():
-        if not (directory / "world.json").exists():
-            raise RuntimeError(f"{directory} exists but holds no world.json: not a world written by world.py; "
-                               "remove it to regenerate")
-        return directory
+    if not directory.exists():
+        generate_once(directory, seed, n_train, n_heldout, eval_per_type, choice_answer)
+    elif not (directory / "world.json").exists():
+        raise RuntimeError(f"{directory} exists but holds no world.json: not a world written by world.py; remove it "
+                           "to regenerate")
+    if (seed, n_train, n_heldout, eval_per_type, choice_answer) == (0, N_TRAIN_IMAGES, N_HELDOUT_IMAGES,
+                                                                     EVAL_PER_TYPE, "letter"):
+        link = directory.parent / "default"
+        if not (link.is_symlink() and os.readlink(link) == directory.name):
+            temporary = directory.parent / f"default.tmp-{os.getpid()}"
+            os.symlink(directory.name, temporary)
+            os.replace(temporary, link)  # atomically: a reader sees the old link or the new one
+    return directory
+
+
+def generate_once(directory, seed, n_train, n_heldout, eval_per_type, choice_answer):
+    """Generate a world into `directory`, which appears whole or not at all (another process may win the race)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     temporary = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
     try:
         manifest = generate(temporary, seed, n_train, n_heldout, eval_per_type, choice_answer)
         os.chmod(temporary, 0o755)
-        os.rename(temporary, directory)  # the world appears whole or not at all
+        os.rename(temporary, directory)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         if (directory / "world.json").exists():  # another process finished the same world first
-            return directory
+            return
         raise
     files = manifest["files"]
     print(f"world: {n_train} train + {n_heldout} held-out images, {files['stage1.json']} stage-1 and "
           f"{files['stage2.json']} stage-2 records, {files['eval.json']} eval questions "
           f"in {time.time() - started:.1f}s -> {directory}")
-    return directory
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Held-out questions and their scoring.

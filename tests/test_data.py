@@ -417,7 +417,8 @@ def test_each_bad_input_yields_its_message_and_the_rest_loads(tmp_path, monkeypa
     ]
     reasons = ["unknown role 'bot'", "must alternate", "no <image> tag", "<image> tag but no image", "2 <image> tags"]
     records = good + bad_files + malformed
-    dataset = LLaVADataset(records, tmp_path, TOKENIZERS["llama2"], image_size=32, max_bad_fraction=0.5)
+    dataset = LLaVADataset(records, tmp_path, TOKENIZERS["llama2"], image_size=32, max_bad_fraction=0.5,
+                           check_images=False)  # the images as they fail when they load (checked up front: below)
     assert len(dataset) == len(good) + len(bad_files) and len(dataset.skipped) == len(malformed)
     for message, bad, reason in zip(dataset.skipped, malformed, reasons):
         assert f"(id {bad['id']})" in message and reason in message
@@ -430,10 +431,30 @@ def test_each_bad_input_yields_its_message_and_the_rest_loads(tmp_path, monkeypa
     assert batch["skipped"] == [item["error"] for item in items[2:]]
 
     with pytest.raises(ValueError, match="5 of 12 records are malformed"):
-        LLaVADataset(records, tmp_path, TOKENIZERS["llama2"])  # default max_bad_fraction=0.01
+        LLaVADataset(records, tmp_path, TOKENIZERS["llama2"], check_images=False)  # default max_bad_fraction=0.01
     (tmp_path / "broken.json").write_text('[\n  {"id": "a", "conversations": []},\n  {"id": }\n]')
     with pytest.raises(ValueError, match=r"broken.json: malformed JSON at line 3, column 10"):
         LLaVADataset(str(tmp_path / "broken.json"), tmp_path, TOKENIZERS["llama2"])
+
+
+
+def test_unreadable_images_are_found_before_training_each_once_with_the_count_and_the_fraction_that_allows_them(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 15_000)
+    bad_images = write_bad_images(tmp_path)
+    Image.new("RGB", (30, 20), (10, 200, 30)).save(tmp_path / "good.png")
+    Image.new("RGB", (30, 20)).save(tmp_path / "whole.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:-20])  # a PNG cut short: verify sees it
+    good = [record(f"good-{k}", SINGLE, "good.png") for k in range(20)]
+    bad = [record(f"bad-{kind}", SINGLE, name) for kind, name in bad_images.items() if kind != "truncated"]
+    records = good + bad + [record("cut-1", SINGLE, "cut.png"), record("cut-2", MULTI, "cut.png")]
+    dataset = LLaVADataset(records, tmp_path, TOKENIZERS["llama2"], image_size=32, max_bad_fraction=0.5)
+    assert [dataset[k]["id"] for k in range(len(dataset))] == [f"good-{k}" for k in range(20)]  # never in a step
+    assert [message.split(":")[0] for message in dataset.skipped] == [f"sample {r['id']}" for r in records[20:]]
+    assert "skipped 6 of 26 records" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"6 of 26 records are malformed or have an unreadable image, more than the 0 "
+                                         r"--max_bad_fraction 0.01 allows; --max_bad_fraction 0.23 would skip them"):
+        LLaVADataset(records, tmp_path, TOKENIZERS["llama2"], image_size=32)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Batching and sampling

@@ -16,7 +16,7 @@ import ask
 import evaluate
 import flags
 from data import load_image, process_image
-from tinyllava import TinyLLaVA
+from tinyllava import TinyLLaVA, fingerprint
 from tiny_llava import (BOS, EOS, FOLLOW_UP, QUESTION, REPO, SYSTEM, byte_level_tokenizer, our_answer, tiny_llava,
                         until_stop, vicuna_ids)
 
@@ -121,6 +121,9 @@ def test_answer_file_has_llava_model_vqa_records_with_the_answers_generate_gives
     assert result.returncode == 0, result.stderr
     lines = read_lines(answers)
     assert [set(line) for line in lines] == [{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}] * 3
+    ours = {"model": tiny.ckpt, "fingerprint": fingerprint(tiny.ckpt), "template": "vicuna_v1", "aspect": "crop",
+            "max_new_tokens": 12}  # what decides the answers, so that resuming never mixes two models' answers
+    assert [line["metadata"].pop("tinyllava") for line in lines] == [ours] * 3
     assert [(line["question_id"], line["prompt"], line["text"], line["metadata"]) for line in lines] == expected
     assert all(line["model_id"] == os.path.basename(tiny.root) for line in lines)
     assert len({line["answer_id"] for line in lines}) == 3 and "ETA" in result.stderr
@@ -311,3 +314,49 @@ def test_a_flag_the_mode_does_not_read_is_refused_before_anything_loads(argv, me
         "; python evaluate.py --help says which flags each mode reads" if "does not go" in message or
         "do not go" in message else "")
     assert capsys.readouterr().err == ""  # nothing loaded, nothing generated
+
+
+def test_a_stage_1_model_is_not_asked_questions_in_its_caption_template_the_fix_is_named(tiny, tmp_path, capsys):
+    questions = question_file(tiny, tmp_path / "q.jsonl")
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--questions", questions, "--answers", str(tmp_path / "a.jsonl"), "--ckpt", tiny.plain])
+    assert "--questions asks questions, but" in str(exit.value) and "add --template vicuna_v1" in str(exit.value)
+    assert not (tmp_path / "a.jsonl").exists() and "loading" not in capsys.readouterr().err  # refused before loading
+    assert evaluate.main(["--questions", questions, "--answers", str(tmp_path / "a.jsonl"), "--ckpt", tiny.plain,
+                          "--template", "vicuna_v1", "--max_new_tokens", "2", "--image_folder", str(tiny.root)]) is None
+
+
+def test_an_answer_file_of_another_model_or_setting_is_refused_naming_both(tiny, tmp_path):
+    questions = question_file(tiny, tmp_path / "q.jsonl")
+    argv = ["--questions", questions, "--image_folder", str(tiny.root), "--max_new_tokens", "4"]
+    assert evaluate.main(argv + ["--answers", str(tmp_path / "a.jsonl"), "--ckpt", tiny.ckpt]) is None
+    kept = (tmp_path / "a.jsonl").read_text()
+    for other, says in ((["--ckpt", tiny.plain, "--template", "vicuna_v1"], f"not by {tiny.plain} (fingerprint"),
+                        (["--ckpt", tiny.ckpt, "--aspect", "pad"], "aspect pad"),
+                        (["--hf", tiny.llava], f"not by {tiny.llava}")):
+        with pytest.raises(SystemExit) as exit:
+            evaluate.main(argv + ["--answers", str(tmp_path / "a.jsonl"), *other])
+        assert f"a.jsonl:1 was answered by {tiny.ckpt} (fingerprint {fingerprint(tiny.ckpt)}" in str(exit.value)
+        assert says in str(exit.value) and "give another --answers file" in str(exit.value)
+    assert (tmp_path / "a.jsonl").read_text() == kept
+    (tmp_path / "llava.jsonl").write_text(json.dumps({"question_id": "q0", "text": "A", "metadata": {}}) + "\n")
+    with pytest.raises(SystemExit, match="answered by another program"):
+        evaluate.main(argv + ["--answers", str(tmp_path / "llava.jsonl"), "--ckpt", tiny.ckpt])
+
+
+def test_plot_draws_each_curve_train_py_logs_in_a_font_whose_spaces_show(tmp_path):
+    log = tmp_path / "run" / "log.jsonl"
+    log.parent.mkdir()
+    log.write_text("".join(json.dumps(record) + "\n" for record in [
+        {"kind": "eval", "step": 0, "accuracy": 0.5}, {"kind": "train", "step": 1, "loss": 2.0},
+        {"kind": "train", "step": 2, "loss": 1.0}, {"kind": "eval", "step": 2, "val_loss": 1.5, "accuracy": 0.75}]))
+    assert [evaluate.read_curve(str(log), curve)[1] for curve in ("accuracy", "val_loss", "loss")] == [
+        [(0, 0.5), (2, 0.75)], [(2, 1.5)], [(1, 2.0), (2, 1.0)]]
+    for curve in ("accuracy", "loss"):
+        assert evaluate.main(["--plot", str(log), "--curve", curve, "--png", str(tmp_path / f"{curve}.png")]) is None
+        assert Image.open(tmp_path / f"{curve}.png").size == (720, 440)
+    font = evaluate.plot_font()
+    assert font.getlength("held out") - font.getlength("heldout") >= 3  # "held-outexact-matchaccuracy" no more
+    (tmp_path / "quiet.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 2.0}) + "\n")
+    with pytest.raises(SystemExit, match="no held-out exact-match accuracy logged .train stage 2 with --eval_questions"):
+        evaluate.main(["--plot", str(tmp_path / "quiet.jsonl")])

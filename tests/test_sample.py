@@ -16,8 +16,8 @@ import sample
 import tinyllava
 from data import load_image, process_image
 from tinyllava import IMAGE_TOKEN_INDEX, TinyLLaVA
-from tiny_llava import (BOS, CONTEXT, EOS, FOLLOW_UP, HF_IMAGE_TOKEN, NUM_IMAGE_TOKENS, QUESTION, REPO, our_answer,
-                        tiny_llava, until_stop, vicuna_ids)
+from tiny_llava import (BOS, CONTEXT, EOS, FOLLOW_UP, HF_IMAGE_TOKEN, NUM_IMAGE_TOKENS, QUESTION, REPO, SYSTEM,
+                        our_answer, tiny_llava, until_stop, vicuna_ids)
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,8 @@ def bad_inputs(tiny, tmp_path):
             ["--image", image, "--ckpt", tiny.ckpt, "--chat", "--prompt", long_prompt(tiny, CONTEXT + 1)],
             "conversation is too long"),
         "--chat with a stage-1 model, refused before loading it": (
-            ["--image", image, "--ckpt", tiny.plain, "--chat"], "drop --chat"),
+            ["--image", image, "--ckpt", tiny.plain, "--chat"],
+            "is a stage-1 model (plain template): it only captions; add --template vicuna_v1"),
         "--chat in the plain template": (["--image", image, "--ckpt", tiny.ckpt, "--chat", "--template", "plain"],
                                          "--template plain"),
         "a directory without ckpt.pt": (["--image", image, "--ckpt", str(tmp_path)], "no ckpt.pt"),
@@ -275,3 +276,24 @@ def test_help_explains_every_flag_and_starts_with_the_examples(capsys):
     examples = text.split("Examples:")[1].strip().split("\n\n")[0].splitlines()
     assert len(examples) >= 5 and all(line.strip().startswith("python sample.py ") for line in examples)
     assert text.index("Examples:") < text.index("--ckpt STR")
+
+
+def test_a_prompt_without_an_image_is_answered_as_a_text_only_record_is_also_in_a_chat(tiny, capsys):
+    model = TinyLLaVA.from_pretrained(tiny.ckpt).eval()
+    encode = lambda text: tiny.tokenizer.encode(text, add_special_tokens=False).ids
+    prompt = [BOS] + encode(f"{SYSTEM} USER: {FOLLOW_UP} ASSISTANT:")  # no placeholder: the facts sheet's text-only
+    expected = model.generate([prompt], None, max_new_tokens=12, stop_token_ids=[EOS])[0].tolist()
+    assert sample.main(["--ckpt", tiny.ckpt, "--prompt", FOLLOW_UP, "--max_new_tokens", "12"]) is None
+    assert capsys.readouterr().out == tiny.tokenizer.decode(until_stop(expected)).strip() + "\n"
+    result = run_cli("--ckpt", tiny.ckpt, "--chat", "--max_new_tokens", "12", stdin=f"{FOLLOW_UP}\n")
+    assert result.returncode == 0 and result.stdout == tiny.tokenizer.decode(until_stop(expected)).strip() + "\n"
+    with pytest.raises(SystemExit, match="add --template vicuna_v1"):  # a captioner has nothing to caption
+        sample.main(["--ckpt", tiny.plain, "--prompt", FOLLOW_UP])
+    with pytest.raises(SystemExit, match=r"give an --image FILE, or a --prompt \(or --chat\)"):
+        sample.main(["--ckpt", tiny.ckpt])
+
+
+@pytest.mark.parametrize("flag", ["--top_k", "--top_p", "--seed"])
+def test_sampling_flags_without_a_temperature_are_refused(tiny, flag):
+    with pytest.raises(SystemExit, match=f"{flag} does nothing at --temperature 0"):
+        sample.main(["--ckpt", tiny.ckpt, "--image", tiny.images[0], flag, "1"])

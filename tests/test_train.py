@@ -3,6 +3,7 @@ sizes), the same steps whatever the number of processes, gradient checkpointing 
 the recipe's pieces, and the refusals (wrong bases, bad flags, NaN, bad data)."""
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -203,7 +205,7 @@ def test_two_processes_under_torchrun_take_the_same_steps_as_one(tiny, tmp_path,
     shutil.copytree(tiny["world"] / "images", tmp_path / "images")
     config = train.TrainConfig(global_batch_size=4, batch_size=2)
     for index in train.epoch_plan([1] * len(records), config, 0, 1, train.Runtime(rank=0, world_size=2))[0][0]:
-        (tmp_path / records[index]["image"]).write_bytes(b"")
+        (tmp_path / records[index]["image"]).write_bytes(truncated_jpeg())  # fails when it loads
     (tmp_path / "data.json").write_text(json.dumps(records))
     common = dict(max_steps=3, eval_interval=2, eval_samples=3, data_path=tmp_path / "data.json",
                   max_bad_fraction=0.6)
@@ -512,16 +514,32 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny, tmp_path, mo
     assert [r["step"] for r in train_log(tmp_path)] == [1, 2]
 
 
+def truncated_jpeg():
+    """The bytes of a JPEG cut short in its data: it opens, passes the check before training (data.check_image) and
+    fails only when it loads, mid-run."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()[:800]
+
+
 def test_unreadable_images_are_reported_skipped_and_stop_the_run_past_max_bad_fraction(tiny, tmp_path, capsys):
     records = json.loads((tiny["world"] / "small_stage1.json").read_text())
     shutil.copytree(tiny["world"] / "images", tmp_path / "images")
-    (tmp_path / records[0]["image"]).write_bytes(b"not a png")
+    (tmp_path / records[0]["image"]).write_bytes(b"not a png")  # found before training
+    (tmp_path / records[1]["image"]).write_bytes(truncated_jpeg())  # found when it loads
     (tmp_path / "data.json").write_text(json.dumps(records))
-    settings = dict(stage=1, data_path=tmp_path / "data.json", max_steps=4, out_dir=tmp_path / "out")
-    train.main(flags(tiny, **settings, max_bad_fraction=0.1))
-    assert f"skipped: sample {records[0]['id']}: cannot load image" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match=r"1 bad samples in epoch 0 of .*more than --max_bad_fraction 0\.05 of its 16"):
+    settings = dict(stage=1, data_path=tmp_path / "data.json", max_steps=8, out_dir=tmp_path / "out")  # 2 epochs
+    train.main(flags(tiny, **settings, max_bad_fraction=0.2))
+    printed = capsys.readouterr().out
+    assert f"skipped 1 of 16 records:\n  sample {records[0]['id']}: cannot load image" in printed
+    assert printed.count(f"skipped: sample {records[1]['id']}: cannot load image") == 1  # once, not once an epoch
+    with pytest.raises(SystemExit, match=r"--data_path .*data.json: 1 of 16 records are malformed or have an "
+                                         r"unreadable image, more than the 0 --max_bad_fraction 0.05 allows; "
+                                         r"--max_bad_fraction 0.062 would skip them"):
         train.main(flags(tiny, **settings, max_bad_fraction=0.05, overwrite=True))
+    with pytest.raises(SystemExit, match=r"2 bad samples in epoch 0 of .*more than --max_bad_fraction 0\.1 of its 16 "
+                                         r"allows \(1\); fix the data, or skip them with --max_bad_fraction 0.12"):
+        train.main(flags(tiny, **settings, max_bad_fraction=0.1, overwrite=True))
 
 
 def test_every_step_sees_the_same_global_batch_whatever_the_processes_and_micro_batches():

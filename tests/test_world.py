@@ -1,5 +1,6 @@
 """Tests for world.py: determinism, split hygiene, pixels against symbols, the teacher's answers, file formats."""
 import json
+import os
 import random
 import re
 from collections import Counter, defaultdict
@@ -604,3 +605,14 @@ def test_the_scienceqa_ablation_worlds_answer_choices_with_an_explanation_before
         assert all("Answer with the option's letter" not in q["text"] for q in jsonl(directory, "shapes_sqa.jsonl"))
     with pytest.raises(ValueError, match="choice_answer"):
         world.ensure_world(tmp_path, seed=0, choice_answer="letters", **SMALL)
+
+
+def test_the_default_world_is_reachable_as_root_default_whatever_other_worlds_exist(tmp_path, monkeypatch):
+    for name, value in (("N_TRAIN_IMAGES", 24), ("N_HELDOUT_IMAGES", 4), ("EVAL_PER_TYPE", 1)):
+        monkeypatch.setattr(world, name, value)  # a small world stands for the default one
+    default = world.ensure_world(tmp_path, 0, 24, 4, 1)
+    assert os.readlink(tmp_path / "default") == default.name
+    other = world.ensure_world(tmp_path, 1, 24, 4, 1)  # another seed: the link stays
+    assert other != default and (tmp_path / "default").resolve() == default.resolve()
+    assert world.ensure_world(tmp_path, 0, 24, 4, 1) == default and sorted(p.name for p in tmp_path.iterdir()) == \
+        sorted(["default", default.name, other.name])  # no link left half made
