@@ -367,6 +367,9 @@ def test_stage2_refuses_a_w_aligned_on_another_llm(tiny, tmp_path):
     (["--stage", "2", "--init", os.path.join(REPO, "README.md")], "README.md: not a tinyllava checkpoint"),
     (["--resume", "--overwrite"], "--resume continues out/stage1/ckpt.pt and --overwrite starts over: give one"),
     (["--resume"], "--resume out/stage1/ckpt.pt: no such file or directory"),
+    (["--data_path", "nothere.json"], "--data_path nothere.json: no such file or directory"),
+    (["--data_path", os.path.join(REPO, "bases", "clip", "model.safetensors")],
+     "clip/model.safetensors: not a LLaVA JSON file (not UTF-8 text)"),
 ])
 def test_bad_flags_fail_with_the_flag_named(argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no out/ here
@@ -596,6 +599,7 @@ def test_default_tiny_pipeline_runs_from_the_command_line(tiny, tmp_path):
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         assert f"stage{stage}.json" in result.stdout and "held-out loss" in result.stdout
         assert "step 2/2" in result.stdout and "done: 2 steps" in result.stdout
+        assert "max_length" not in result.stdout  # capped at the LLM's context, as the default is: no note
     model = TinyLLaVA.from_pretrained(str(tmp_path / "stage2" / "ckpt.pt"))
     assert model.config.template == "vicuna_v1"
     command = [sys.executable, os.path.join(REPO, "evaluate.py"), f"--ckpt={tmp_path}/stage2/ckpt.pt",
