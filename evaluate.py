@@ -625,8 +625,9 @@ def plot_curves(logs, png, curve="accuracy", size=(720, 440), margin=60):
     width, height = size
     last = max(step for _, points in curves for step, _ in points) or 1
     top = 1.0 if curve == "accuracy" else max(value for _, points in curves for _, value in points) * 1.05
+    above = 36 + 16 * len(curves)  # the title and the legend, one line per run, above the plot
     to_xy = lambda step, value: (margin + (width - 2 * margin) * step / last,
-                                 height - margin - (height - 2 * margin) * value / top)
+                                 height - margin - (height - margin - above) * value / top)
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     for tick in range(6):  # the value grid, 0 to top
@@ -639,7 +640,7 @@ def plot_curves(logs, png, curve="accuracy", size=(720, 440), margin=60):
         x, y = to_xy(step, 0)
         draw.text((x - 10, y + 8), str(step), fill="black", font=font)
     draw.text((width // 2 - 50, height - 25), "optimizer step", fill="black", font=font)
-    draw.text((margin, 15), CURVES[curve], fill="black", font=font)
+    draw.text((margin, 10), CURVES[curve], fill="black", font=font)
     colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
     for k, (label, points) in enumerate(curves):
         color = colors[k % len(colors)]
@@ -647,7 +648,9 @@ def plot_curves(logs, png, curve="accuracy", size=(720, 440), margin=60):
         for point in points:
             x, y = to_xy(*point)
             draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
-        draw.text((width - margin - 170, 40 + 16 * k), f"{label}: {points[-1][1]:.3f}", fill=color, font=font)
+        draw.line([(margin, 37 + 16 * k), (margin + 24, 37 + 16 * k)], fill=color, width=3)
+        draw.text((margin + 32, 30 + 16 * k), f"{label}: {points[-1][1]:.3f} at step {points[-1][0]}",
+                  fill=color, font=font)
     image.save(png)
 
 
