@@ -1,6 +1,9 @@
 """
-LLaVA-Plus (Liu et al. 2023, "Learning to Use Tools for Multimodal Agents") in the shapes world: the tools, and the
-loop that serves a model which calls them.
+LLaVA-Plus (Liu et al. 2023, "Learning to Use Tools for Multimodal Agents") in the shapes world: the tools, their
+training data, and the loop that serves a model which calls them.
+
+    python plus.py                           # write the data into the default world: plus.json, val_plus.json,
+                                             # shapes_plus.jsonl, shapes_plus_truth.jsonl
 
 An assistant turn of LLaVA-Plus carries thoughts, actions (a list of {"API_name", "API_params"}, empty when no tool
 is needed) and a value (what the user reads); data.assistant_text writes them as the model's text and parse_turn reads
@@ -20,7 +23,12 @@ The tools are vision experts of the shapes world: they read the pixels, never th
     editor     {"caption": "the red square", "new_color": "blue"}  -> the edited image, for the user only ("background"
                as the new colour removes the object)
 
-A tool of one's own is a function (image, **params) -> dict, registered under its name (docs/plus.md):
+The data: a tool record per training image (finding a box, measuring an area, recolouring or removing an object; the
+question written from the scene, the tool's output read from the pixels) and the world's conversations with "no tool
+needed" answers, as LLaVA-Plus mixed its tool data with LLaVA-158K; a held-out benchmark of 50 questions per task,
+keyed by the teacher's tool call and answer.
+
+A tool of one's own is a function (image, **params) -> dict, registered under its name:
 
     @plus.tool("counter")
     def count_objects(image, caption):
@@ -28,13 +36,19 @@ A tool of one's own is a function (image, **params) -> dict, registered under it
 """
 import ast
 import json
+import os
+import random
 import re
-from collections import deque
+import tempfile
+from collections import Counter, deque
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+import flags
 import world
+from data import IMAGE_TAG
 
 TOOLS = {}  # name -> function(image, **params) -> output dict; the model calls them by these names
 TYPICAL_FILL = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}  # a shape's share of its box
@@ -224,3 +238,151 @@ def tool_turn(reply, image, question):
         raise ToolError(f"{len(actions)} actions in one turn; the server runs one")
     text, output = run_tool(actions[0], image)
     return f"{text}\n\n{SUMMARIZE.format(question=question)}", output
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Teaching: LLaVA-Plus's records, the question from the scene (the teacher's part), the tool's output from the pixels
+
+WAIT = "I will use {tool} to help to answer the question. Please wait for a moment."
+THANKS = "Thanks to the output of {tool}. I can answer the question better."
+NO_TOOL = "The question can be answered by the information in the context, without need any external tools."
+TASKS = {  # kind: the tool, the phrasings of the question, the thoughts that call the tool
+    "box": ("detector", ("What is the bounding box of {name}?", "Where exactly is {name}? Give its box."),
+            "The exact box of {name} is finer than what I see; the detector measures it."),
+    "area": ("segmenter", ("How many pixels does {name} cover?", "What is the area of {name} in pixels?"),
+             "The area of {name} needs its pixels counted; the segmenter counts them."),
+    "recolor": ("editor", ("Make {name} {color}.", "Paint {name} {color}."),
+                "Changing the image needs the editor."),
+    "remove": ("editor", ("Remove {name}.", "Erase {name} from the image."), "Changing the image needs the editor."),
+}
+PLUS_EVAL_PER_KIND = 50  # held-out questions per tool task, and as many ordinary ones per task (no tool wanted)
+
+
+def tool_task(kind, scene, image, rng):
+    """{question, action, output (as the model reads it), answer, thoughts} of one tool task about a random object
+    that a phrase picks out alone (the detector reads sizes, colours and shapes, not cells); None when the scene has
+    no such object."""
+    named = [(obj, world.refer(scene, obj, hide=("cell",))) for obj in scene.objects]
+    named = [(obj, name) for obj, name in named if name is not None]
+    if not named:
+        return None
+    obj, name = rng.choice(named)
+    color = rng.choice([c for c in world.COLORS if c != obj.color])
+    tool_name, phrasings, thoughts = TASKS[kind]
+    params = {"caption": name.removeprefix("the ")} | (
+        {"new_color": color} if kind == "recolor" else {"new_color": "background"} if kind == "remove" else {})
+    action = {"API_name": tool_name, "API_params": params}
+    text, output = run_tool(action, image)
+    subject = world.capitalize(name)
+    answer = {"box": lambda: f"{subject} is at {[round(c, 2) for c in output['boxes'][0]]}.",  # as the output reads
+              "area": lambda: f"{subject} covers {output['areas'][0]} pixels.",
+              "recolor": lambda: f"{subject} is now {color}.", "remove": lambda: f"{subject} is gone."}[kind]()
+    return dict(question=rng.choice(phrasings).format(name=name, color=color), action=action, output=text,
+                answer=answer, thoughts=thoughts.format(name=name))
+
+
+def tool_record(record_id, image_path, task):
+    """LLaVA-Plus's four turns: the question; thoughts, the action and 'please wait'; the tool's output handed back
+    with the question again; thanks, no action, the answer."""
+    tool_name = task["action"]["API_name"]
+    return {"id": record_id, "image": image_path, "conversations": [
+        {"from": "human", "value": f"{IMAGE_TAG}\n{task['question']}"},
+        {"from": "gpt", "thoughts": task["thoughts"], "actions": [task["action"]], "value": WAIT.format(tool=tool_name)},
+        {"from": "human", "value": f"{task['output']}\n\n{SUMMARIZE.format(question=task['question'])}"},
+        {"from": "gpt", "thoughts": THANKS.format(tool=tool_name), "actions": [], "value": task["answer"]}]}
+
+
+def without_tools(record):
+    """An ordinary LLaVA record as LLaVA-Plus's tool-augmented LLaVA-158K has it: each answer says no tool is
+    needed."""
+    return record | {"conversations": [turn | {"thoughts": NO_TOOL, "actions": []} if turn["from"] == "gpt" else turn
+                                       for turn in record["conversations"]]}
+
+
+def write_json_atomically(path, data, lines=False):
+    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False, suffix=".tmp") as f:
+        if lines:
+            f.writelines(json.dumps(line) + "\n" for line in data)
+        else:
+            json.dump(data, f, indent=1)
+    os.replace(f.name, path)
+
+
+def plus_records(directory, split, scenes, seed):
+    """The split's LLaVA-Plus mix: a tool record per image (its task drawn at random) and each image's conversation
+    record from the world's stage-2 data, its answers marked as needing no tool; shuffled."""
+    prefix = "val_" if split == "val" else ""
+    with open(os.path.join(directory, f"{prefix}stage2.json")) as f:
+        records = [without_tools(r) for r in json.load(f) if r["id"].endswith("-conversation")]
+    for scene in scenes:
+        rng = random.Random(f"{seed}:plus:{scene['image']}")
+        image = Image.open(os.path.join(directory, scene["image"]))
+        task = tool_task(rng.choice(list(TASKS)), world.scene_from_json(scene), image, rng)
+        if task is not None:
+            records.append(tool_record(f"{os.path.basename(scene['image'])[:-4]}-tool", scene["image"], task))
+    random.Random(f"{seed}:plus:{split}:mix").shuffle(records)
+    return records
+
+
+def plus_benchmark(directory, scenes, seed):
+    """[(question line, answer key line)]: PLUS_EVAL_PER_KIND held-out questions of each tool task, each about
+    another image; the key holds the tool and parameters the teacher used and the answer it wrote."""
+    lines = []
+    for kind in TASKS:
+        rng, found = random.Random(f"{seed}:plus-eval:{kind}"), 0
+        for scene in rng.sample(scenes, len(scenes)):
+            task = tool_task(kind, world.scene_from_json(scene), Image.open(os.path.join(directory, scene["image"])),
+                             rng)
+            if task is not None and found < PLUS_EVAL_PER_KIND:
+                question_id = f"plus-{kind}-{found:04d}"
+                lines.append(({"question_id": question_id, "image": scene["image"], "text": task["question"],
+                               "category": kind},
+                              {"question_id": question_id, "category": kind, "action": task["action"],
+                               "answer": task["answer"]}))
+                found += 1
+    return lines
+
+
+def ensure_plus_data(directory, seed=0):
+    """Write LLaVA-Plus's files into a world directory once: plus.json and val_plus.json (the training mix),
+    shapes_plus.jsonl and shapes_plus_truth.jsonl (the held-out tool benchmark). Returns {file: count}."""
+    names = ("plus.json", "val_plus.json", "shapes_plus.jsonl", "shapes_plus_truth.jsonl")
+    if all(os.path.exists(os.path.join(directory, name)) for name in names):
+        return None
+    with open(os.path.join(directory, "scenes.json")) as f:
+        scenes = json.load(f)
+    counts = {}
+    for split, prefix in (("train", ""), ("val", "val_")):
+        records = plus_records(directory, split, [s for s in scenes if s["split"] == split], seed)
+        write_json_atomically(os.path.join(directory, f"{prefix}plus.json"), records)
+        counts[f"{prefix}plus.json"] = Counter("tool" if r["id"].endswith("-tool") else "no tool" for r in records)
+    lines = plus_benchmark(directory, [s for s in scenes if s["split"] == "val"], seed)
+    write_json_atomically(os.path.join(directory, "shapes_plus_truth.jsonl"), [key for _, key in lines], lines=True)
+    write_json_atomically(os.path.join(directory, "shapes_plus.jsonl"), [q for q, _ in lines], lines=True)
+    counts["shapes_plus.jsonl"] = Counter(q["category"] for q, _ in lines)
+    return counts
+
+
+@dataclass
+class PlusConfig:
+    # the world the files are written into
+    seed: int = 0  # the world's seed (train.py's default world is seed 0)
+    root: str = world.DEFAULT_ROOT  # where world directories are generated
+
+
+def main(argv=None):
+    """Write LLaVA-Plus's files into the world the flags name (generating the world first if need be)."""
+    with flags.one_line_errors("plus.py"):
+        given = flags.command_line(PlusConfig, argv, "plus.py", "python plus.py [--field value ...]", __doc__)
+        if given is None:  # --help
+            return
+        config = PlusConfig(**given)
+    directory = world.ensure_world(config.root, config.seed)
+    counts = ensure_plus_data(str(directory), config.seed)
+    print(f"world directory: {directory}")
+    for name, tally in (counts or {}).items():
+        print(f"  {name:24s} " + ", ".join(f"{kind} {n}" for kind, n in sorted(tally.items())))
+    print("already written, nothing to do" if counts is None else "written")
+
+
+if __name__ == "__main__":
+    main()

@@ -151,3 +151,41 @@ def test_parse_conversation_reads_a_tool_record_as_pairs_of_question_and_written
     assert has_image and [answer for _, answer in pairs] == [assistant_text(t) for t in tool_record()[1::2]]
     with pytest.raises(ValueError, match="actions a list"):
         parse_conversation([{"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "actions": "detector"}])
+
+
+def test_a_box_task_is_written_as_llava_plus_records_it_with_the_detectors_numbers_in_the_answer():
+    scene = world.Scene("white", (world.place("circle", "green", "small", 1, 1),))  # 'the circle' names it alone
+    task = plus.tool_task("box", scene, world.render(scene), random.Random(0))
+    name, box = "the circle", [0.41, 0.41, 0.56, 0.56]  # (26, 26, 36, 36) / 64 to two decimals
+    assert name in task["question"]
+    record = plus.tool_record("x-tool", "images/x.png", task)
+    assert [turn["from"] for turn in record["conversations"]] == ["human", "gpt", "human", "gpt"]
+    assert record["conversations"][1]["actions"] == [{"API_name": "detector",
+                                                      "API_params": {"caption": name.removeprefix("the ")}}]
+    assert record["conversations"][1]["value"] == "I will use detector to help to answer the question. Please wait " \
+                                                  "for a moment."
+    assert record["conversations"][2]["value"].startswith(f"detector model outputs: {{'boxes': [{box}]")
+    assert record["conversations"][2]["value"].endswith(
+        f"\n\nPlease summarize the model outputs and answer my first question: {task['question']}")
+    assert record["conversations"][3] == {"from": "gpt", "thoughts": "Thanks to the output of detector. I can answer "
+                                          "the question better.", "actions": [],
+                                          "value": f"{name[0].upper()}{name[1:]} is at {box}."}
+
+
+def test_area_and_edit_tasks_answer_from_the_pixels_and_ordinary_records_say_no_tool_is_needed():
+    for seed, scene in enumerate(SCENES[:40]):
+        task = plus.tool_task("area", scene, world.render(scene), random.Random(seed))
+        if task is None:  # no object a phrase picks out alone
+            assert all(world.refer(scene, o, hide=("cell",)) is None for o in scene.objects)
+            continue
+        caption = task["action"]["API_params"]["caption"]
+        (obj,) = [o for o in scene.objects if all(w in f"{o.size} {o.color} {o.shape}" for w in caption.split()
+                                                  if w != "object")]
+        assert task["answer"].endswith(f" covers {alone(scene, obj)} pixels.")
+        task = plus.tool_task("remove", scene, world.render(scene), random.Random(seed))
+        assert task["answer"].endswith(" is gone.") and task["action"]["API_params"]["new_color"] == "background"
+    record = {"id": "r", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    assert plus.without_tools(record)["conversations"] == [
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "actions": [],
+                                          "thoughts": "The question can be answered by the information in the "
+                                                      "context, without need any external tools."}]
