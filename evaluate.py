@@ -15,6 +15,7 @@ Examples:
     python evaluate.py --score choice --answers a.jsonl --truth problems.json  # ScienceQA's letters, SQA-IMG
     python evaluate.py --score pope --answers a.jsonl --truth t.jsonl   # POPE yes/no, per negative sampling
     python evaluate.py --score vqa --answers a.jsonl --truth TextVQA_0.5.1_val.json  # VQA accuracy, 10 humans
+    python evaluate.py --plus --ckpt out/plus                           # LLaVA-Plus: tool calls and answers
     python evaluate.py --plot out/stage2-curve/log.jsonl --png curve.png  # held-out accuracy against the step
     python evaluate.py --plot out/stage2/log.jsonl --curve loss --png loss.png  # the training loss
 
@@ -29,7 +30,7 @@ import os
 import sys
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,9 +38,10 @@ import torch
 
 import ask
 import flags
+import plus
 import scoring
 import world
-from data import ImageError, load_image, question_ids
+from data import IMAGE_TAG, ImageError, encode_prompt, load_image, question_ids
 from tinyllava import fingerprint, read_checkpoint
 
 USAGE = ("python evaluate.py [--ckpt PATH] [--limit N]   |   --questions FILE --answers FILE   |   --score KIND "
@@ -48,9 +50,13 @@ USAGE = ("python evaluate.py [--ckpt PATH] [--limit N]   |   --questions FILE --
 
 @dataclass
 class EvalConfig(ask.ModelFlags):
-    # the world's eval: the mode when none of --score, --plot, --questions, --read_image is given; exact match per type
+    # the world's eval: the mode when none of --score, --plot, --questions, --read_image, --plus is given; exact match
+    # per type
     world: str = ""  # a world directory holding eval.json ("": the default shapes world, generated on first use)
     limit: int = 0  # only this many questions, taken evenly across the question types (0: all)
+    plus: bool = False  # LLaVA-Plus: the world's held-out tool questions (shapes_plus.jsonl, python plus.py writes
+                        # it) asked as the server asks them, the right tool and parameters and the final answer per
+                        # task; then --limit (or all) of the ordinary questions: answered without a tool, and right
     # LLaVA's evaluation files: --questions writes answers (the flags through --max_bad_fraction); --score scores them
     questions: str = ""  # answer this question file: JSON lines {question_id, image (absent: text-only), text[,
                          # category]}, or a LLaVA JSON list of records (ScienceQA's llava_test_CQM-A.json); with
@@ -98,7 +104,8 @@ class EvalConfig(ask.ModelFlags):
 MODES = {"score": {"score", "answers", "truth", "questions", "split"}, "plot": {"plot", "png", "curve"},
          "questions": {"questions", "answers", "image_folder", "num_chunks", "chunk_idx", "max_bad_fraction",
                        "single_pred_prompt", "max_new_tokens", "batch_size"},
-         "read_image": {"read_image", "batch_size"}, "world": {"world", "limit", "max_new_tokens", "batch_size"}}
+         "read_image": {"read_image", "batch_size"}, "world": {"world", "limit", "max_new_tokens", "batch_size"},
+         "plus": {"plus", "world", "limit", "max_new_tokens", "batch_size"}}
 MODEL_FLAGS = {f.name for f in dataclasses.fields(ask.ModelFlags)}
 
 
@@ -118,6 +125,8 @@ def main(argv=None):
             print(f"wrote {config.png}", file=sys.stderr)
         elif mode == "questions":
             answer_question_file(config)
+        elif mode == "plus":
+            plus_eval(config)
         elif mode == "read_image":
             images = [load_image(path) for path in config.read_image]  # before the model: a typo costs no load
             model, tokenizer = ask.load(config)
@@ -131,8 +140,8 @@ def main(argv=None):
 def checked(config, given):
     """(config, mode) once the flags make sense together: the mode is --score, --plot, --questions or --read_image
     if given (in that order), else the world's eval; a flag the mode does not read is refused, naming it."""
-    mode = next((mode for mode in ("score", "plot", "questions", "read_image") if mode in given), "world")
-    allowed = MODES[mode] | (MODEL_FLAGS if mode in ("questions", "read_image", "world") else set())
+    mode = next((mode for mode in ("score", "plot", "questions", "read_image", "plus") if mode in given), "world")
+    allowed = MODES[mode] | (MODEL_FLAGS if mode in ("questions", "read_image", "world", "plus") else set())
     stray = [f"--{key}" for key in given if key not in allowed]
     if stray:
         what = "the world's eval" if mode == "world" else f"--{mode}"
@@ -427,6 +436,90 @@ def answer_file(model, tokenizer, questions, image_folder, model_name, config, b
             done, elapsed = min(start + config.batch_size, len(questions)), time.time() - started
             print(f"answers: {done}/{len(questions)}, {elapsed:.0f}s, ETA "
                   f"{elapsed / done * (len(questions) - done):.0f}s", file=sys.stderr)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LLaVA-Plus: the held-out tool questions, asked as the server asks them
+
+
+def plus_eval(config):
+    """Per tool task: the share of questions where the model called the right tool with the right parameters (the
+    tool, run on the image with the model's parameters, gives what the teacher's call gives) and where its final
+    answer is the teacher's, numbers copied exactly; then the ordinary questions: answered without a tool, and right.
+    """
+    directory = str(config.world or world.ensure_world())
+    plus.ensure_plus_data(directory)
+    with open(os.path.join(directory, "shapes_plus.jsonl")) as f:
+        questions = [json.loads(line) for line in f]
+    with open(os.path.join(directory, "shapes_plus_truth.jsonl")) as f:
+        keys = {key["question_id"]: key for key in map(json.loads, f)}
+    path = ask.find_model(config)
+    ask.refuse_captioner(config, path, "--plus")
+    model, tokenizer = ask.load(config, path)
+    tally = defaultdict(Counter)  # task -> n, right call, right answer
+    for start in range(0, len(questions), config.batch_size):
+        batch = questions[start:start + config.batch_size]
+        images = [load_image(os.path.join(directory, q["image"])) for q in batch]
+        for q, image, (first, _, final) in zip(batch, images, tool_dialogues(
+                model, tokenizer, [q["text"] for q in batch], images, config.max_new_tokens)):
+            key, row = keys[q["question_id"]], tally[q["category"]]
+            row["n"] += 1
+            row["right call"] += same_call(first, key["action"], image)
+            row["right answer"] += final is not None and world.exact_match(plus.parse_turn(final)[2], key["answer"])
+        print(f"tool questions: {min(start + config.batch_size, len(questions))}/{len(questions)}", file=sys.stderr)
+    tally["overall"] = sum(tally.values(), Counter())
+    print(f"{'task':<10} {'n':>5} {'right call':>11} {'right answer':>13}")
+    for task, row in tally.items():
+        print(f"{task:<10} {row['n']:>5} {row['right call'] / row['n']:>11.4f} {row['right answer'] / row['n']:>13.4f}")
+    items = world.eval_items(directory, config.limit)
+    firsts = [plus.parse_turn(text) for batch in ask.answer_batches(
+        model, tokenizer, [item["question"] for item in items],
+        [load_image(os.path.join(directory, item["image"])) for item in items], config.batch_size,
+        config.max_new_tokens) for text in batch]
+    no_tool = sum(not actions for _, actions, _ in firsts)
+    right = sum(world.exact_match(value, item["answer"]) for (_, _, value), item in zip(firsts, items))
+    print(f"ordinary questions: {no_tool / len(items):.4f} answered without a tool, {right / len(items):.4f} right "
+          f"({len(items)} of eval.json)")
+
+
+def tool_dialogues(model, tokenizer, questions, images, max_new_tokens):
+    """[(first reply, the tool's output or why it did not run, final reply or None)] for one question about each
+    image: greedy replies, and where the first names a tool, the tool run and its output handed back."""
+    template = model.config.template
+    firsts = ask.greedy_answers(model, tokenizer, [question_ids(q, tokenizer, template) for q in questions],
+                                ask.to_pixels(model, images), max_new_tokens, "a tool question")
+    results, seconds = [], []
+    for k, (question, image, first) in enumerate(zip(questions, images, firsts)):
+        try:
+            turn = plus.tool_turn(first, image, question)
+        except plus.ToolError as error:
+            turn = str(error)
+        results.append([first, turn if turn is None or isinstance(turn, str) else turn[1], None])
+        if isinstance(turn, tuple):
+            seconds.append((k, encode_prompt([{"from": "human", "value": f"{IMAGE_TAG}\n{question}"},
+                                              {"from": "gpt", "value": first}, {"from": "human", "value": turn[0]}],
+                                             tokenizer, template)))
+    if seconds:
+        finals = ask.greedy_answers(model, tokenizer, [prompt for _, prompt in seconds],
+                                    ask.to_pixels(model, [images[k] for k, _ in seconds]), max_new_tokens,
+                                    "a tool question's second turn")
+        for (k, _), final in zip(seconds, finals):
+            results[k][2] = final
+    return results
+
+
+def same_call(reply, action, image):
+    """Whether a reply calls the key's tool with parameters that do what the key's do on this image: the same
+    output, or for the editor the same objects read back from the edited image."""
+    try:
+        _, actions, _ = plus.parse_turn(reply)
+        if len(actions) != 1 or actions[0]["API_name"] != action["API_name"]:
+            return False
+        ours, theirs = plus.run_tool(actions[0], image)[1], plus.run_tool(action, image)[1]
+    except plus.ToolError:
+        return False
+    if action["API_name"] == "editor":
+        return plus.detect(ours["edited_image"], "object") == plus.detect(theirs["edited_image"], "object")
+    return {k: v for k, v in ours.items() if k != "masks"} == {k: v for k, v in theirs.items() if k != "masks"}
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Learning curves: held-out accuracy against the step, from train.py's logs

@@ -2,6 +2,7 @@
 assistant turn is written as LLaVA-Plus writes it (checked against hand-written text), the loss covers the assistant
 turns only, and the server's loop runs the one tool a reply names, on its own image, or says in one line why not."""
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -189,3 +190,51 @@ def test_area_and_edit_tasks_answer_from_the_pixels_and_ordinary_records_say_no_
         {"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "actions": [],
                                           "thoughts": "The question can be answered by the information in the "
                                                       "context, without need any external tools."}]
+
+
+def test_evaluate_plus_scores_a_model_that_replies_as_the_teacher_and_one_that_never_calls_a_tool(tmp_path,
+                                                                                                 monkeypatch, capsys):
+    """evaluate.py --plus with the model's replies stubbed: the teacher's own turns score 1 on every task and on the
+    ordinary questions; replies that answer without a tool score 0 calls and 0 answers on the tool questions."""
+    import ask
+    import evaluate
+    import json
+    directory = tmp_path / "world"
+    directory.mkdir()
+    world.generate(directory, seed=3, n_train=4, n_heldout=40, eval_per_type=2)
+    plus.ensure_plus_data(str(directory), seed=3)
+    keys = [json.loads(line) for line in open(directory / "shapes_plus_truth.jsonl")]  # in the questions' order
+    items = json.load(open(directory / "eval.json"))
+    script = {}  # what is left to ask, in the order evaluate.py asks: the tool questions, then the ordinary ones
+
+    def replies(model, tokenizer, prompts, pixel_values=None, max_new_tokens=256, culprit=""):
+        if "model outputs" in tokenizer.decode([t for t in prompts[0] if t >= 0]):  # the batch's second turns
+            turns = [{"thoughts": "t", "actions": [], "value": key["answer"]} for key in script["batch"]]
+        elif script["keys"]:
+            script["batch"], script["keys"] = script["keys"][:len(prompts)], script["keys"][len(prompts):]
+            turns = [{"thoughts": "t", "actions": [key["action"]], "value": "wait"} if script["teacher"] else
+                     {"thoughts": plus.NO_TOOL, "actions": [], "value": "I cannot tell."} for key in script["batch"]]
+        else:
+            answered, script["items"] = script["items"][:len(prompts)], script["items"][len(prompts):]
+            turns = [{"thoughts": plus.NO_TOOL, "actions": [], "value": item["answer"]} for item in answered]
+        return [assistant_text({"from": "gpt", **turn}) for turn in turns]
+
+    monkeypatch.setattr(ask, "greedy_answers", replies)
+    monkeypatch.setattr(ask, "load", lambda config, path=None: (SimpleModel(), load_tokenizer(f"{REPO}/bases/llama")))
+    monkeypatch.setattr(ask, "to_pixels", lambda model, images: None)
+    monkeypatch.setattr(ask, "find_model", lambda config: "stub")
+    monkeypatch.setattr(ask, "refuse_captioner", lambda *args: None)
+    for teaches, expected in ((True, "1.0000"), (False, "0.0000")):
+        script.update(keys=keys, items=items, teacher=teaches)
+        evaluate.main(["--plus", "--world", str(directory)])
+        table = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
+        assert set(table) >= {"box", "area", "recolor", "remove", "overall"}
+        assert table["overall"][1:] == [expected, expected]
+        assert table["ordinary"][1:2] == ["1.0000"] and table["ordinary"][6:7] == ["1.0000"]
+
+
+class SimpleModel:
+    """What evaluate.py reads of a model when its replies are stubbed."""
+    config = SimpleNamespace(template="vicuna_v1")
+    llm = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096))
+    num_image_tokens = 9
