@@ -1,7 +1,7 @@
 """Every command of README.md and docs/*.md runs as written, in a copy of the repository, after the two commands.
 
 A ```bash block runs here: each is run whole by bash -e, in order, README.md first, then docs/evaluation.md,
-docs/lora.md and docs/bases.md. A ```shell block needs what this machine lacks (downloads, GPUs) and is only read.
+docs/lora.md, docs/bases.md and docs/plus.md; then the page's ```python blocks, by python. A ```shell block needs what this machine lacks (downloads, GPUs) and is only read.
 Training is shortened, nothing else is changed: `python train.py` gets --max_steps 2 and small batches appended, and
 `python make_bases.py` a few steps of each phase (the flags given last win). `pip install` is .ci/run's, and
 `python -m pytest` is this very test suite: both are skipped. The files the README asks the reader to write
@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAGES = ["README.md", "docs/evaluation.md", "docs/lora.md", "docs/bases.md"]
+PAGES = ["README.md", "docs/evaluation.md", "docs/lora.md", "docs/bases.md", "docs/plus.md"]
 SHORTER = f"""
 set -e
 pip() {{ echo "(pip install: .ci/run installs)"; }}
@@ -69,6 +69,10 @@ def test_every_bash_block_runs_as_written(repository, page):
         assert result.returncode == 0, (f"{page}, bash block {number}:\n{block}\n--- output:\n"
                                         f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    for number, block in enumerate(blocks(page, "python"), 1):  # after the page's commands, which make its files
+        result = subprocess.run([sys.executable, "-c", block], cwd=repository, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, f"{page}, python block {number}:\n{block}\n--- output:\n{result.stderr[-3000:]}"
 
 
 def test_the_readme_file_table_counts_each_files_lines():
