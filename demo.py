@@ -86,7 +86,7 @@ def main(argv=None):
         model, tokenizer = ask.load(config, path)
         server = make_server(config, Demo(model, tokenizer, config, ask.model_id(path)))
         host, port = server.server_address[:2]
-        print(f"demo: {len(server.demo.examples)} examples, serving {ask.model_id(path)} at http://{host}:{port}/ "
+        print(f"demo: {len(server.demo.examples)} examples, serving {path} at http://{host}:{port}/ "
               "(Ctrl-C stops)", file=sys.stderr, flush=True)
         if config.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"note: --host {config.host}: anyone who can reach this machine can use the model", file=sys.stderr)
@@ -310,8 +310,10 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         ticket = demo.line.join()
         try:
-            while (ahead := demo.line.ahead(ticket, HEARTBEAT)) > 0:
+            ahead = demo.line.ahead(ticket, timeout=0)
+            while ahead:
                 self.send_event("queued", {"ahead": ahead})
+                ahead = demo.line.ahead(ticket, HEARTBEAT)
             self.answer(session, question, settings)
         finally:
             demo.line.leave(ticket)
