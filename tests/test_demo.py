@@ -358,3 +358,69 @@ def test_help_starts_with_the_examples(capsys):
     examples = text.split("Examples:")[1].strip().split("\n\n")[0].splitlines()
     assert len(examples) >= 4 and all(line.strip().startswith("python demo.py") for line in examples)
     assert text.index("Examples:") < text.index("--host STR") and "(default: 127.0.0.1)" in text
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The page in a real browser
+
+
+def chromium():
+    """Headless Chromium driven through Debian's chromedriver by selenium (test-only); a clear failure without them."""
+    try:
+        from selenium import webdriver
+    except ImportError:
+        pytest.fail("the browser test needs selenium: pip install -r requirements-test.txt")
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.fail("the browser test needs Chromium and its driver: apt-get install -y chromium chromium-driver "
+                    "(Debian's packages, as .ci/run installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,640"):
+        options.add_argument(argument)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+
+
+def ask_in_page(browser, question, max_new_tokens):
+    """Type the question and the answer length into the page, send it, and return the answer's element once done."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    length = browser.find_element(By.ID, "max_new_tokens")
+    length.clear()
+    length.send_keys(str(max_new_tokens))
+    browser.find_element(By.ID, "question").send_keys(question)
+    browser.find_element(By.ID, "send").click()
+    answer = browser.find_elements(By.CLASS_NAME, "answer")[-1]  # the page adds it at once, then fills it
+    WebDriverWait(browser, 60).until(lambda _: answer.get_attribute("data-done"))
+    return answer
+
+
+def test_in_a_real_browser_upload_ask_read_the_streamed_answer_and_see_a_bad_upload_refused(served, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    browser = chromium()
+    try:
+        browser.get(served.url)
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+        image = served.tiny.images[0]
+        browser.find_element(By.ID, "upload").send_keys(image)
+        wait.until(lambda b: b.find_element(By.ID, "image-name").text == os.path.basename(image))
+        answer = ask_in_page(browser, QUESTION, 12)
+        assert answer.get_attribute("data-done") == "true"
+        answer_1 = reference(served, [QUESTION], image, 12)
+        assert answer.get_property("textContent") == served.tiny.tokenizer.decode(until_stop(answer_1)).strip()
+        assert int(answer.get_attribute("data-pieces")) > 3  # it came in pieces, as they were generated
+        (tmp_path / "notes.png").write_bytes(b"not an image at all")
+        browser.find_element(By.ID, "upload").send_keys(str(tmp_path / "notes.png"))
+        status = wait.until(lambda b: (s := b.find_element(By.ID, "status")).get_attribute("class") == "error" and s)
+        assert status.text == "notes.png is not an image this server can read (PNG, JPEG, GIF, WebP, BMP, ...)"
+        # the conversation about the image goes on, in the cache
+        answer = ask_in_page(browser, FOLLOW_UP, 8)
+        assert answer.get_attribute("data-done") == "true" and len(browser.find_elements(By.CLASS_NAME, "answer")) == 2
+        answer_2 = reference(served, [QUESTION, until_stop(answer_1), FOLLOW_UP], image, 8)
+        assert answer.get_property("textContent") == served.tiny.tokenizer.decode(until_stop(answer_2)).strip()
+        browser.find_element(By.ID, "reset").click()
+        wait.until(lambda b: not b.find_elements(By.CLASS_NAME, "turn"))
+        assert "Started over" in browser.find_element(By.ID, "status").text
+    finally:
+        browser.quit()
