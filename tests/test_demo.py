@@ -9,13 +9,11 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-import zlib
 from types import SimpleNamespace
 
 import pytest
@@ -23,7 +21,9 @@ import torch
 from PIL import Image
 
 import ask
+import bench_demo
 import demo
+import flags
 from data import load_image, process_image
 from tiny_llava import EOS, FOLLOW_UP, QUESTION, REPO, our_answer, tiny_llava, until_stop, vicuna_ids
 
@@ -169,34 +169,24 @@ def test_sampling_settings_reach_the_sampler(served):
 # Bad input: a clear message, and the server goes on serving
 
 
-def bomb_png(path):
-    """A PNG whose header says 100000 x 100000 pixels (10^10, over Pillow's MAX_IMAGE_PIXELS), in a few hundred
-    bytes: its IHDR rewritten, with the right CRC."""
-    data = bytearray(png_bytes(path))
-    header = struct.pack(">II", 100_000, 100_000) + data[24:29]  # width, height; then depth, colour type, ...
-    data[16:29] = header
-    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + header))
-    return bytes(data)
-
-
 def bad_uploads(served):
-    png = png_bytes(served.tiny.images[0])
-    jpeg = io.BytesIO()
-    Image.open(served.tiny.images[0]).resize((120, 90)).save(jpeg, "JPEG")
-    jpeg = jpeg.getvalue()
-    return {  # name: (body, status, what the message says)
-        "big.png": (b"\x89PNG" + b"0" * UPLOAD_LIMIT, 413, "big.png is over the upload limit of 0.02 MB"),
-        "notes.txt": (b"just some words", 400, "notes.txt is not an image"),
-        "empty.png": (b"", 400, "empty.png is not an image"),
-        "cut.png": (png[:len(png) // 2], 400, "cut.png is cut short or damaged"),
-        "cut.jpg": (jpeg[:len(jpeg) // 2], 400, "cut.jpg is cut short or damaged"),
-        "bomb.png": (bomb_png(served.tiny.images[0]), 400, "bomb.png is too large in pixels, a possible decompression "
-                                                           "bomb (Image size (10000000000 pixels) exceeds limit"),
+    bodies = bench_demo.bad_upload_bodies(served.tiny.images[0], UPLOAD_LIMIT)
+    expected = {  # name: (status, what the message says)
+        "big.png": (413, "big.png is over the upload limit of 0.02 MB"),
+        "notes.txt": (400, "notes.txt is not an image"),
+        "empty.png": (400, "empty.png is not an image"),
+        "cut.png": (400, "cut.png is cut short or damaged"),
+        "cut.jpg": (400, "cut.jpg is cut short or damaged"),
+        "bomb.png": (400, "bomb.png is too large in pixels, a possible decompression bomb (Image size (10000000000 "
+                          "pixels) exceeds limit"),
     }
+    assert len(bodies["big.png"]) == UPLOAD_LIMIT + 4 and len(bodies["cut.jpg"]) > 500  # a JPEG cut in its data
+    with pytest.raises(Image.DecompressionBombError):  # Pillow, asked directly, sees a bomb
+        Image.open(io.BytesIO(bodies["bomb.png"]))
+    return {name: (bodies[name], *expected[name]) for name in expected}
 
 
 def test_bad_uploads_get_a_clear_message_and_the_server_goes_on(served):
-    assert len(bad_uploads(served)["cut.jpg"][0]) > 500  # a JPEG of some size, cut in its data
     for name, (body, status, message) in bad_uploads(served).items():
         answer = upload(served, body, name)
         assert answer[0] == status and message in answer[1]["error"], (name, answer)
@@ -364,20 +354,11 @@ def test_help_starts_with_the_examples(capsys):
 
 
 def chromium():
-    """Headless Chromium driven through Debian's chromedriver by selenium (test-only); a clear failure without them."""
+    """Headless Chromium (bench_demo.chromium); without it, a failure saying how to install it."""
     try:
-        from selenium import webdriver
-    except ImportError:
-        pytest.fail("the browser test needs selenium: pip install -r requirements-test.txt")
-    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not binary or not driver:
-        pytest.fail("the browser test needs Chromium and its driver: apt-get install -y chromium chromium-driver "
-                    "(Debian's packages, as .ci/run installs them)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,640"):
-        options.add_argument(argument)
-    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+        return bench_demo.chromium()
+    except flags.Stop as error:
+        pytest.fail(str(error))
 
 
 def ask_in_page(browser, question, max_new_tokens):
