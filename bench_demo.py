@@ -173,7 +173,7 @@ def bad_uploads_refused(server, image_path, expected, items):
     """Each bad upload's status and message, then a question: is the server still answering, and right?"""
     for name, body in bad_upload_bodies(image_path, server.demo.max_upload_bytes()).items():
         response = request(server, "POST", "/api/upload", body, {"X-Filename": name})
-        print(f"bad upload {name} ({len(body):,} bytes): {response.status} {json.load(response)['error'][:110]}")
+        print(f"bad upload {name} ({len(body):,} bytes): {response.status} {json.load(response)['error']}")
     after = timed_question(server, items[0])
     print(f"after them, the first question again: {after['answer']!r} in {after['whole']:.3f} s "
           f"({'the same' if after['answer'] == expected[0] else 'NOT the same'} as alone)")

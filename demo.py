@@ -20,7 +20,7 @@ plain HTML and JavaScript served from here; nothing is fetched from elsewhere. T
     POST /api/example               {"name": NAME} -> {session, image}
     POST /api/ask                   {session, question, temperature, top_p, max_new_tokens} -> a text/event-stream of
                                     'queued' {ahead}, then 'token' {text} ..., then 'done' {answer} or 'error' {message}
-    POST /api/reset                 {session} -> the conversation starts over, about the same image
+    POST /api/reset                 {session} -> {image}: the conversation starts over, about the same image
 
 A bad request gets {"error": message} with a 4xx status; an upload that is too large, not an image, cut short or a
 decompression bomb (over Pillow's MAX_IMAGE_PIXELS) is refused so, and the server goes on serving.
@@ -34,7 +34,6 @@ import os
 import secrets
 import sys
 import threading
-import time
 import urllib.parse
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -108,13 +107,18 @@ def checked(config):
 def make_server(config, demo):
     """A ThreadingHTTPServer (one thread per request) bound to --host and --port, serving `demo`."""
     try:
-        server = ThreadingHTTPServer((config.host, config.port), Handler)
+        server = Server((config.host, config.port), Handler)
     except OSError as error:
         raise flags.Stop(f"cannot listen on {config.host} port {config.port} (--host, --port): {error.strerror}; "
                          "--port 0 takes any free port") from None
-    server.daemon_threads = True  # a stream still open does not hold up Ctrl-C
     server.demo = demo
     return server
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True  # a stream still open does not hold up Ctrl-C
+    request_queue_size = 128  # connections not yet accepted: with socketserver's 5, clients coming at once while the
+                              # model keeps this process busy were turned away, and came back a second later
 
 
 def find_examples(pattern):
@@ -298,7 +302,7 @@ class Handler(BaseHTTPRequestHandler):
     def reset(self):
         session = self.known_session(self.read_json())
         session.chat = None  # a generation under way keeps the Chat it holds; the next question starts afresh
-        self.send_json(HTTPStatus.OK, {"session": "reset", "image": session.image})
+        self.send_json(HTTPStatus.OK, {"image": session.image})
 
     def ask(self):
         demo, request = self.server.demo, self.read_json()

@@ -278,6 +278,24 @@ def test_concurrent_questions_queue_and_never_run_two_generations_at_once(served
     assert ("queued", {"ahead": 1}) in results[1] and results[0][0] == ("started", {})
 
 
+def test_clients_coming_at_once_wait_to_be_accepted_instead_of_being_turned_away(served, monkeypatch):
+    """While the server is too busy to accept connections, 40 new ones wait in the listen queue (socketserver's
+    default of 5 drops the rest: their SYNs are retried a second later, or time out)."""
+    release, accept = threading.Event(), served.server.get_request
+    monkeypatch.setattr(served.server, "get_request", lambda: release.wait() and accept())
+    connections = []
+    try:
+        for _ in range(40):
+            connections.append(socket.create_connection(("127.0.0.1", served.port), timeout=0.5))  # or times out
+            connections[-1].sendall(b"GET /api/info HTTP/1.0\r\n\r\n")
+    finally:
+        release.set()
+    for connection in connections:
+        connection.settimeout(30)
+        assert connection.makefile("rb").readline().startswith(b"HTTP/1.0 200"), "a client was not served"
+        connection.close()
+
+
 def test_a_client_gone_mid_answer_frees_the_model_and_the_next_one_is_served(served, slow_model):
     session = upload(served, png_bytes(served.tiny.images[0]), "a.png")[1]["session"]
     request = json.dumps(dict(session=session, question=QUESTION, max_new_tokens=MAX_NEW)).encode()
