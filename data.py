@@ -124,7 +124,7 @@ def parse_conversation(conversations, answered=True):
             raise ValueError(f"turn {k} is {turn['from']!r}: turns must alternate human, gpt, ... from human")
     if answered != (len(conversations) % 2 == 0):
         raise ValueError("the last turn must be " + ("gpt's answer" if answered else "a human question"))
-    values = [turn["value"] for turn in conversations]
+    values = [assistant_text(turn) if turn["from"] == "gpt" else turn["value"] for turn in conversations]
     tagged = [k for k, value in enumerate(values) for _ in range(value.count(IMAGE_TAG))]
     if len(tagged) > 1:
         raise ValueError(f"{len(tagged)} <image> tags (turns {tagged}); a sample holds at most one image")
@@ -133,6 +133,18 @@ def parse_conversation(conversations, answered=True):
     if tagged:
         values[0] = values[0].replace(IMAGE_TAG, "").strip()
     return list(zip(values[0::2], values[1::2] + [None])), bool(tagged)
+
+
+def assistant_text(turn):
+    """A gpt turn as the model reads and writes it: its value, or, for a LLaVA-Plus turn that also carries thoughts
+    and actions (tool calls, a list of {API_name, API_params}), each part on a line of its own after its marker."""
+    if "thoughts" not in turn and "actions" not in turn:
+        return turn["value"]
+    if not isinstance(turn.get("thoughts", ""), str) or not isinstance(turn.get("actions", []), list):
+        raise ValueError(f"a LLaVA-Plus turn's thoughts must be text and its actions a list: {str(turn)[:80]}")
+    parts = [("thoughts🤔", turn.get("thoughts")), ("actions🚀", json.dumps(turn["actions"]) if "actions" in turn
+              else None), ("value👉", turn["value"])]
+    return "".join(f'"{marker}" {text}\n' for marker, text in parts if text is not None)
 
 
 def _segments(pairs, template, has_image, image_first):

@@ -11,9 +11,11 @@ Examples:
     python evaluate.py --read_image photo.png                           # what each image token reads as
     python evaluate.py --questions q.jsonl --answers a.jsonl --image_folder DIR   # LLaVA's question file -> answers
     python evaluate.py --questions q.jsonl --answers a.jsonl --num_chunks 8 --chunk_idx 0  # one eighth of it
-    python evaluate.py --score short --answers a.jsonl --truth t.jsonl  # VQAv2/GQA-style short answers
-    python evaluate.py --score choice --answers a.jsonl --truth t.jsonl  # ScienceQA/MMBench letters
+    python evaluate.py --score short --answers a.jsonl --truth t.jsonl  # GQA's short answers, exact match
+    python evaluate.py --score choice --answers a.jsonl --truth problems.json  # ScienceQA's letters, SQA-IMG
     python evaluate.py --score pope --answers a.jsonl --truth t.jsonl   # POPE yes/no, per negative sampling
+    python evaluate.py --score vqa --answers a.jsonl --truth TextVQA_0.5.1_val.json  # VQA accuracy, 10 humans
+    python evaluate.py --plus --ckpt out/plus                           # LLaVA-Plus: tool calls and answers
     python evaluate.py --plot out/stage2-curve/log.jsonl --png curve.png  # held-out accuracy against the step
     python evaluate.py --plot out/stage2/log.jsonl --curve loss --png loss.png  # the training loss
 
@@ -25,7 +27,6 @@ without "image" asked without one; answer lines {"question_id", "prompt", "text"
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 import uuid
@@ -37,8 +38,10 @@ import torch
 
 import ask
 import flags
+import plus
+import scoring
 import world
-from data import ImageError, load_image, question_ids
+from data import IMAGE_TAG, ImageError, encode_prompt, load_image, question_ids
 from tinyllava import fingerprint, read_checkpoint
 
 USAGE = ("python evaluate.py [--ckpt PATH] [--limit N]   |   --questions FILE --answers FILE   |   --score KIND "
@@ -47,9 +50,13 @@ USAGE = ("python evaluate.py [--ckpt PATH] [--limit N]   |   --questions FILE --
 
 @dataclass
 class EvalConfig(ask.ModelFlags):
-    # the world's eval: the mode when none of --score, --plot, --questions, --read_image is given; exact match per type
+    # the world's eval: the mode when none of --score, --plot, --questions, --read_image, --plus is given; exact match
+    # per type
     world: str = ""  # a world directory holding eval.json ("": the default shapes world, generated on first use)
     limit: int = 0  # only this many questions, taken evenly across the question types (0: all)
+    plus: bool = False  # LLaVA-Plus: the world's held-out tool questions (shapes_plus.jsonl, python plus.py writes
+                        # it) asked as the server asks them, the right tool and parameters and the final answer per
+                        # task; then --limit (or all) of the ordinary questions: answered without a tool, and right
     # LLaVA's evaluation files: --questions writes answers (the flags through --max_bad_fraction); --score scores them
     questions: str = ""  # answer this question file: JSON lines {question_id, image (absent: text-only), text[,
                          # category]}, or a LLaVA JSON list of records (ScienceQA's llava_test_CQM-A.json); with
@@ -61,14 +68,21 @@ class EvalConfig(ask.ModelFlags):
     chunk_idx: int = 0  # answer this chunk of them, 0-based
     max_bad_fraction: float = 0.01  # stop once more than this share of the questions is bad (a malformed line, a
                                     # missing image); each is reported and skipped
-    score: Literal["short", "choice", "pope"] | None = None  # score --answers against --truth by a benchmark's rule:
-                                                             # short (GQA: lowercase, no trailing period, exact
-                                                             # match), choice (ScienceQA: the letter alone, 'X. ...'
-                                                             # or 'The answer is X.'; anything else fails), pope (the
-                                                             # first sentence: no/not means no)
-    truth: str = ""  # the answer key: JSON lines {question_id, answer or label[, category]}, a JSON object by
-                     # question id (GQA's questions file, ScienceQA's problems.json), or POPE's annotation directory
-                     # of coco_pope_{category}.json files (with --questions, whose order pairs questions and labels)
+    single_pred_prompt: bool = False  # end each question with LLaVA-1.5's "Answer with the option's letter from the
+                                      # given choices directly." (model_vqa_science.py --single-pred-prompt, as its
+                                      # sqa.sh asks ScienceQA's llava_test_CQM-A.json)
+    score: Literal["short", "choice", "pope", "vqa"] | None = None  # score --answers against --truth by the rule of
+                                      # LLaVA's script (scoring.py says each): short (GQA: trailing periods dropped,
+                                      # lowercase, exact match), choice (ScienceQA: the letter A-E alone, 'X. ...' or
+                                      # 'The answer is X'; anything else and a missing answer fail; IMG-accuracy),
+                                      # pope (the first sentence: No/no/not means no; per category and their mean),
+                                      # vqa (VQAv2/TextVQA accuracy against the ten human answers)
+    split: str = "test"  # with ScienceQA's problems.json as --truth: score the problems of this split of the
+                         # pid_splits.json beside it, as eval_science_qa.py does
+    truth: str = ""  # the answer key: JSON lines {question_id, answer, label or answers (vqa: the list)[,
+                     # category]}, or a benchmark's own: ScienceQA's problems.json, GQA's questions file, TextVQA's or
+                     # VQAv2's annotations, POPE's annotation directory of coco_pope_{category}.json files (with
+                     # --questions, whose order pairs questions and labels)
     # pictures: --read_image (with the model flags and --batch_size); --plot (with --png, --curve)
     read_image: list[str] = field(default_factory=list)  # show, for each of these image files, what each image token
                                                          # reads as in the LLM's word embeddings, as a grid: the
@@ -87,10 +101,11 @@ class EvalConfig(ask.ModelFlags):
 
 
 # What each mode reads, beyond the model flags for the modes that load a model; any other flag given is refused.
-MODES = {"score": {"score", "answers", "truth", "questions"}, "plot": {"plot", "png", "curve"},
+MODES = {"score": {"score", "answers", "truth", "questions", "split"}, "plot": {"plot", "png", "curve"},
          "questions": {"questions", "answers", "image_folder", "num_chunks", "chunk_idx", "max_bad_fraction",
-                       "max_new_tokens", "batch_size"},
-         "read_image": {"read_image", "batch_size"}, "world": {"world", "limit", "max_new_tokens", "batch_size"}}
+                       "single_pred_prompt", "max_new_tokens", "batch_size"},
+         "read_image": {"read_image", "batch_size"}, "world": {"world", "limit", "max_new_tokens", "batch_size"},
+         "plus": {"plus", "world", "limit", "max_new_tokens", "batch_size"}}
 MODEL_FLAGS = {f.name for f in dataclasses.fields(ask.ModelFlags)}
 
 
@@ -102,12 +117,16 @@ def main(argv=None):
             return
         config, mode = checked(EvalConfig(**given), given)
         if mode == "score":
-            print(f"accuracy: {score(config.score, config.answers, config.truth, questions=config.questions):.4f}")
+            figures = scoring.score(config.score, config.answers, config.truth, questions=config.questions,
+                                    split=config.split)
+            print("\n".join(f"{name}: {value:.4f}" for name, value in figures.items()))
         elif mode == "plot":
             plot_curves(config.plot, config.png, config.curve)
             print(f"wrote {config.png}", file=sys.stderr)
         elif mode == "questions":
             answer_question_file(config)
+        elif mode == "plus":
+            plus_eval(config)
         elif mode == "read_image":
             images = [load_image(path) for path in config.read_image]  # before the model: a typo costs no load
             model, tokenizer = ask.load(config)
@@ -121,8 +140,8 @@ def main(argv=None):
 def checked(config, given):
     """(config, mode) once the flags make sense together: the mode is --score, --plot, --questions or --read_image
     if given (in that order), else the world's eval; a flag the mode does not read is refused, naming it."""
-    mode = next((mode for mode in ("score", "plot", "questions", "read_image") if mode in given), "world")
-    allowed = MODES[mode] | (MODEL_FLAGS if mode in ("questions", "read_image", "world") else set())
+    mode = next((mode for mode in ("score", "plot", "questions", "read_image", "plus") if mode in given), "world")
+    allowed = MODES[mode] | (MODEL_FLAGS if mode in ("questions", "read_image", "world", "plus") else set())
     stray = [f"--{key}" for key in given if key not in allowed]
     if stray:
         what = "the world's eval" if mode == "world" else f"--{mode}"
@@ -255,6 +274,10 @@ def answer_question_file(config):
     """Answer --questions' chunk into --answers, after the question ids already there; bad lines are reported and
     skipped, and the run stops once more than --max_bad_fraction of the questions were bad."""
     questions, bad = read_questions(config.questions)
+    if config.single_pred_prompt:  # asked, and written in the answer's prompt, as model_vqa_science.py does
+        for _, question in questions:
+            question["text"] += f"\n{world.CHOICE_PROMPT}"
+            question["prompt"] += f"\n{world.CHOICE_PROMPT}"
     for message in bad[:10]:
         print(f"skipped: {message}", file=sys.stderr)
     total = len(questions) + len(bad)
@@ -287,13 +310,13 @@ def answer_settings(config, path):
     return dict(model=path, fingerprint=fingerprint(path),
                 template=config.template or ("vicuna_v1" if is_hf else saved.get("template")),
                 aspect=config.aspect or ("pad" if is_hf else saved.get("image_aspect")),
-                max_new_tokens=config.max_new_tokens)
+                max_new_tokens=config.max_new_tokens, single_pred_prompt=config.single_pred_prompt)
 
 
 def read_questions(path):
     """[(line number, {question_id, image or None, text, category or None})] of a question file, and the bad lines
     as messages. JSON lines, or a JSON list of LLaVA records (the question is the first human turn, <image> taken
-    out)."""
+    out; the answer's prompt starts "<image>\n" where there is an image, as model_vqa_science.py writes it)."""
     try:
         with open(path, encoding="utf-8") as f:
             content = f.read()
@@ -302,8 +325,8 @@ def read_questions(path):
     if content.lstrip().startswith("["):  # a LLaVA JSON list (ScienceQA's llava_test_CQM-A.json)
         try:
             lines = [(k + 1, {"question_id": r.get("id"), "image": r.get("image"), "category": r.get("category"),
-                              "text": r["conversations"][0]["value"].replace("<image>", "").strip()})
-                     for k, r in enumerate(json.loads(content))]
+                              "text": r["conversations"][0]["value"].replace("<image>", "").strip(),
+                              "multimodal_prompt": "image" in r}) for k, r in enumerate(json.loads(content))]
         except (json.JSONDecodeError, AttributeError, KeyError, IndexError, TypeError) as error:
             raise flags.Stop(f"--questions {path}: not a JSON list of LLaVA records ({error})") from None
     else:
@@ -319,8 +342,9 @@ def read_questions(path):
         if isinstance(line, dict) and line.get("question_id") is not None and isinstance(line.get("text"), str) \
                 and isinstance(line.get("image") or "", str) and line["question_id"] not in seen:
             seen.add(line["question_id"])
+            prompt = ("<image>\n" if line.get("multimodal_prompt") else "") + line["text"]
             questions.append((number, {"question_id": line["question_id"], "image": line.get("image") or None,
-                                       "text": line["text"], "category": line.get("category")}))
+                                       "text": line["text"], "category": line.get("category"), "prompt": prompt}))
         else:
             reason = line if isinstance(line, str) else "a repeated question_id" if isinstance(line, dict) and \
                 line.get("question_id") in seen else "not {question_id, text[, image, category]}"
@@ -366,7 +390,8 @@ def describe_settings(settings):
     if settings is None:
         return "another program (no tinyllava settings in its metadata)"
     return (f"{settings['model']} (fingerprint {settings['fingerprint']}, template {settings['template']}, aspect "
-            f"{settings['aspect']}, max_new_tokens {settings['max_new_tokens']})")
+            f"{settings['aspect']}, max_new_tokens {settings['max_new_tokens']}, single_pred_prompt "
+            f"{settings.get('single_pred_prompt', False)})")
 
 
 def batch_images(questions, image_folder, config, bad, total):
@@ -403,7 +428,7 @@ def answer_file(model, tokenizer, questions, image_folder, model_name, config, b
                 texts = ask.greedy_answers(model, tokenizer, prompts, ask.to_pixels(model, images) if has_image
                                            else None, config.max_new_tokens, f"question {group[0]['question_id']}")
                 for question, text in zip(group, texts):
-                    out.write(json.dumps({"question_id": question["question_id"], "prompt": question["text"],
+                    out.write(json.dumps({"question_id": question["question_id"], "prompt": question["prompt"],
                                           "text": text, "answer_id": uuid.uuid4().hex[:22], "model_id": model_name,
                                           "metadata": ({"category": question["category"]} if question["category"]
                                                        else {}) | {"tinyllava": settings}}) + "\n")
@@ -413,179 +438,88 @@ def answer_file(model, tokenizer, questions, image_folder, model_name, config, b
                   f"{elapsed / done * (len(questions) - done):.0f}s", file=sys.stderr)
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Scoring answer files by the benchmarks' rules
+# LLaVA-Plus: the held-out tool questions, asked as the server asks them
 
 
-def read_truth(path, questions=None):
-    """{question_id: (answer, category or None)} from JSON lines {question_id, answer or label[, category]}, or from
-    a JSON object by question id ({"answer": ...}: GQA's questions file; ScienceQA's problems.json, whose answer is
-    the index of the right choice), or from POPE's annotation directory (read_pope_truth)."""
-    if os.path.isdir(path):
-        return read_pope_truth(path, questions)
+def plus_eval(config):
+    """Per tool task: the share of questions where the model called the right tool with the right parameters (the
+    tool, run on the image with the model's parameters, gives what the teacher's call gives) and where its final
+    answer is the teacher's, numbers copied exactly; then the ordinary questions: answered without a tool, and right.
+    """
+    directory = str(config.world or world.ensure_world())
+    plus.ensure_plus_data(directory)
+    with open(os.path.join(directory, "shapes_plus.jsonl")) as f:
+        questions = [json.loads(line) for line in f]
+    with open(os.path.join(directory, "shapes_plus_truth.jsonl")) as f:
+        keys = {key["question_id"]: key for key in map(json.loads, f)}
+    path = ask.find_model(config)
+    ask.refuse_captioner(config, path, "--plus")
+    model, tokenizer = ask.load(config, path)
+    tally = defaultdict(Counter)  # task -> n, right call, right answer
+    for start in range(0, len(questions), config.batch_size):
+        batch = questions[start:start + config.batch_size]
+        images = [load_image(os.path.join(directory, q["image"])) for q in batch]
+        for q, image, (first, _, final) in zip(batch, images, tool_dialogues(
+                model, tokenizer, [q["text"] for q in batch], images, config.max_new_tokens)):
+            key, row = keys[q["question_id"]], tally[q["category"]]
+            row["n"] += 1
+            row["right call"] += same_call(first, key["action"], image)
+            row["right answer"] += final is not None and world.exact_match(plus.parse_turn(final)[2], key["answer"])
+        print(f"tool questions: {min(start + config.batch_size, len(questions))}/{len(questions)}", file=sys.stderr)
+    tally["overall"] = sum(tally.values(), Counter())
+    print(f"{'task':<10} {'n':>5} {'right call':>11} {'right answer':>13}")
+    for task, row in tally.items():
+        print(f"{task:<10} {row['n']:>5} {row['right call'] / row['n']:>11.4f} {row['right answer'] / row['n']:>13.4f}")
+    items = world.eval_items(directory, config.limit)
+    firsts = [plus.parse_turn(text) for batch in ask.answer_batches(
+        model, tokenizer, [item["question"] for item in items],
+        [load_image(os.path.join(directory, item["image"])) for item in items], config.batch_size,
+        config.max_new_tokens) for text in batch]
+    no_tool = sum(not actions for _, actions, _ in firsts)
+    right = sum(world.exact_match(value, item["answer"]) for (_, _, value), item in zip(firsts, items))
+    print(f"ordinary questions: {no_tool / len(items):.4f} answered without a tool, {right / len(items):.4f} right "
+          f"({len(items)} of eval.json)")
+
+
+def tool_dialogues(model, tokenizer, questions, images, max_new_tokens):
+    """[(first reply, the tool's output or why it did not run, final reply or None)] for one question about each
+    image: greedy replies, and where the first names a tool, the tool run and its output handed back."""
+    template = model.config.template
+    firsts = ask.greedy_answers(model, tokenizer, [question_ids(q, tokenizer, template) for q in questions],
+                                ask.to_pixels(model, images), max_new_tokens, "a tool question")
+    results, seconds = [], []
+    for k, (question, image, first) in enumerate(zip(questions, images, firsts)):
+        try:
+            turn = plus.tool_turn(first, image, question)
+        except plus.ToolError as error:
+            turn = str(error)
+        results.append([first, turn if turn is None or isinstance(turn, str) else turn[1], None])
+        if isinstance(turn, tuple):
+            seconds.append((k, encode_prompt([{"from": "human", "value": f"{IMAGE_TAG}\n{question}"},
+                                              {"from": "gpt", "value": first}, {"from": "human", "value": turn[0]}],
+                                             tokenizer, template)))
+    if seconds:
+        finals = ask.greedy_answers(model, tokenizer, [prompt for _, prompt in seconds],
+                                    ask.to_pixels(model, [images[k] for k, _ in seconds]), max_new_tokens,
+                                    "a tool question's second turn")
+        for (k, _), final in zip(seconds, finals):
+            results[k][2] = final
+    return results
+
+
+def same_call(reply, action, image):
+    """Whether a reply calls the key's tool with parameters that do what the key's do on this image: the same
+    output, or for the editor the same objects read back from the edited image."""
     try:
-        with open(path, encoding="utf-8") as f:
-            content = f.read()
-        try:
-            whole = json.loads(content)
-        except json.JSONDecodeError:
-            whole = None  # JSON lines
-        if isinstance(whole, dict) and "question_id" not in whole:
-            return {key: (chr(ord("A") + v["answer"]) if isinstance(v["answer"], int) else v["answer"],
-                          v.get("category") or v.get("split")) for key, v in whole.items()}
-        truth = {}
-        for line in filter(str.strip, content.splitlines()):
-            record = json.loads(line)
-            truth[record["question_id"]] = (record["answer"] if "answer" in record else record["label"],
-                                            record.get("category"))
-        return truth
-    except OSError as error:
-        raise flags.Stop(f"--truth {path}: {error.strerror}") from None
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-        raise flags.Stop(f"--truth {path}: not an answer key ({type(error).__name__}: {error})") from None
-
-
-def read_pope_truth(directory, questions):
-    """POPE's key as eval_pope.py reads it: coco_pope_{category}.json holds one label line per question of that
-    category, in the order of the question file (whose question ids are unique; the label files' are not)."""
-    if not questions:
-        raise flags.Stop(f"--truth {directory}: a POPE annotation directory needs --questions (the question file "
-                         "llava_pope_test.jsonl), whose categories and order pair each question with its label")
-    order = defaultdict(list)  # category -> question ids, in the question file's order
-    with open(questions, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    for number, line in enumerate(filter(str.strip, lines), 1):
-        try:
-            record = json.loads(line)
-            order[record["category"]].append(record["question_id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise flags.Stop(f"--questions {questions}:{number}: not a POPE question line") from None
-    truth = {}
-    for category, ids in order.items():
-        path = os.path.join(directory, f"coco_pope_{category}.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                labels = [json.loads(line)["label"] for line in filter(str.strip, f)]
-        except OSError as error:
-            raise flags.Stop(f"--truth {path}: {error.strerror} (category {category!r} of --questions)") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise flags.Stop(f"--truth {path}: not a POPE label file ({type(error).__name__}: {error})") from None
-        if len(labels) != len(ids):
-            raise flags.Stop(f"--truth {path}: {len(labels)} labels for the {len(ids)} {category!r} questions of "
-                             f"--questions {questions}")
-        truth.update({key: (label, category) for key, label in zip(ids, labels)})
-    return truth
-
-
-def short_answer(text):
-    """GQA's conversion (convert_gqa_for_eval.py): lowercase, the trailing period dropped."""
-    text = text.strip().lower()
-    return text[:-1] if text.endswith(".") else text
-
-
-def choice_letter(text):
-    """ScienceQA's extraction (eval_science_qa.py): the bare letter, 'X. ...', or 'The answer is X.'; else None
-    (FAILED, counted wrong)."""
-    text = text.strip()
-    if re.fullmatch(r"[A-Z]", text):
-        return text
-    if re.match(r"[A-Z]\. ", text):
-        return text[0]
-    found = re.findall(r"The answer is ([A-Z])\.", text)
-    return found[0] if len(found) == 1 else None
-
-
-def yes_or_no(text):
-    """POPE's reading (eval_pope.py): the first sentence, commas dropped; 'no' if a word is No, no or not."""
-    words = text.split(".")[0].replace(",", "").split()
-    return "no" if {"No", "no", "not"} & set(words) else "yes"
-
-
-def read_answers(path):
-    """{question_id: answer line} of an answer file."""
-    answers = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(filter(str.strip, f), 1):
-            try:
-                record = json.loads(line)
-                answers[record["question_id"]] = record
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise flags.Stop(f"--answers {path}:{number}: not an answer line") from None
-    if not answers:
-        raise flags.Stop(f"--answers {path}: no answer lines to score")
-    return answers
-
-
-def score(kind, answers_path, truth_path, out=None, questions=None):
-    """Score an answer file: a table per category (POPE: accuracy, precision, recall, F1, yes-ratio), then the share
-    of answers in the asked format; returns the overall accuracy. questions: the question file, for a POPE
-    annotation directory as truth_path."""
-    out = out or sys.stdout
-    if os.path.isdir(truth_path) and kind != "pope":
-        raise flags.Stop(f"--truth {truth_path}: a directory is read only as POPE's annotation directory "
-                         "(--score pope)")
-    truth, answers = read_truth(truth_path, questions), read_answers(answers_path)
-    unknown = [key for key in answers if key not in truth]
-    if unknown:
-        raise flags.Stop(f"--answers {answers_path}: {len(unknown)} question ids are not in --truth {truth_path}, "
-                         f"e.g. {unknown[0]!r}")
-    groups, failed = defaultdict(list), Counter()  # category -> [(predicted, right answer)]; failed extractions
-    for key, record in answers.items():
-        right, category = truth[key]
-        category = category or record.get("metadata", {}).get("category") or "all"
-        if kind == "short":
-            predicted, right = short_answer(record["text"]), short_answer(right)
-        elif kind == "choice":
-            predicted = choice_letter(record["text"])
-            failed[category] += predicted is None
-        else:
-            predicted, right = yes_or_no(record["text"]), right.strip().lower()
-        groups[category].append((predicted, right))
-    groups["overall"] = [pair for category in sorted(groups) for pair in groups[category]]
-    failed["overall"] = sum(failed.values())
-    missing = len(truth) - len(answers)
-    print(f"{len(answers)} answers scored" + (f"; {missing} questions of the key have no answer" if missing else ""),
-          file=out)
-    print_score_table(kind, groups, failed, out)
-    print(format_compliance(kind, groups["overall"], [record["text"] for record in answers.values()]), file=out)
-    return sum(p == t for p, t in groups["overall"]) / len(groups["overall"])
-
-
-def print_score_table(kind, groups, failed, out):
-    """One row per category: right, n, accuracy (and failed extractions for choice); POPE: n, accuracy, precision,
-    recall, F1 and the share of yes answers."""
-    if kind == "pope":
-        print(f"{'category':<14} {'n':>6} {'accuracy':>9} {'precision':>10} {'recall':>8} {'F1':>8} {'yes':>8}",
-              file=out)
-    else:
-        print(f"{'category':<20} {'right':>6} {'n':>6} {'accuracy':>9}" + ("  failed" if kind == "choice" else ""),
-              file=out)
-    for category, pairs in groups.items():
-        right = sum(p == t for p, t in pairs)
-        if kind == "pope":
-            tp = sum(p == t == "yes" for p, t in pairs)
-            precision = tp / max(1, sum(p == "yes" for p, _ in pairs))
-            recall = tp / max(1, sum(t == "yes" for _, t in pairs))
-            f1 = 2 * precision * recall / max(1e-9, precision + recall)
-            print(f"{category:<14} {len(pairs):>6} {right / len(pairs):>9.4f} {precision:>10.4f} {recall:>8.4f} "
-                  f"{f1:>8.4f} {sum(p == 'yes' for p, _ in pairs) / len(pairs):>8.4f}", file=out)
-        else:
-            print(f"{category:<20} {right:>6} {len(pairs):>6} {right / len(pairs):>9.4f}"
-                  + (f"  {failed[category]:>6}" if kind == "choice" else ""), file=out)
-
-
-def format_compliance(kind, pairs, texts):
-    """The share of answers in the response format the prompt asked for, right or wrong: a word or phrase among the
-    key's answers (short), a bare letter (choice), a first sentence that is yes or no (pope)."""
-    if kind == "short":
-        vocabulary = {right for _, right in pairs}
-        n, what = sum(predicted in vocabulary for predicted, _ in pairs), "a word or phrase among the key's answers"
-    elif kind == "choice":
-        n, what = sum(bool(re.fullmatch(r"[A-Z]", text.strip())) for text in texts), "a bare letter"
-    else:
-        n = sum(text.split(".")[0].replace(",", " ").split()[:1] in (["Yes"], ["No"], ["yes"], ["no"])
-                for text in texts)
-        what = "yes or no first"
-    return f"format: {n} of {len(texts)} answers ({n / max(1, len(texts)):.1%}) are {what}"
+        _, actions, _ = plus.parse_turn(reply)
+        if len(actions) != 1 or actions[0]["API_name"] != action["API_name"]:
+            return False
+        ours, theirs = plus.run_tool(actions[0], image)[1], plus.run_tool(action, image)[1]
+    except plus.ToolError:
+        return False
+    if action["API_name"] == "editor":
+        return plus.detect(ours["edited_image"], "object") == plus.detect(theirs["edited_image"], "object")
+    return {k: v for k, v in ours.items() if k != "masks"} == {k: v for k, v in theirs.items() if k != "masks"}
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Learning curves: held-out accuracy against the step, from train.py's logs

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import difflib
 import inspect
+import os
 import shutil
 import sys
 import typing
@@ -34,8 +35,8 @@ class Stop(Exception):
 @contextlib.contextmanager
 def one_line_errors(prog, expected=()):
     """Run a script's body: a Stop, or one of the `expected` errors the libraries raise for bad input (their message
-    names the file), ends the process with `<prog>: error: <message>` and status 1; Ctrl-C with status 130. No
-    traceback for either."""
+    names the file), ends the process with `<prog>: error: <message>` and status 1; Ctrl-C with status 130; a reader
+    that stopped reading (`| head`) quietly. No traceback for any."""
     try:
         yield
     except (Stop, *expected) as error:
@@ -43,6 +44,9 @@ def one_line_errors(prog, expected=()):
     except KeyboardInterrupt:
         print(file=sys.stderr)
         raise SystemExit(130) from None
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to write when Python exits
+        raise SystemExit(1) from None
 
 
 def wants_help(argv):

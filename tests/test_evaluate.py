@@ -14,7 +14,6 @@ from PIL import Image
 
 import ask
 import evaluate
-import flags
 from data import load_image, process_image
 from tinyllava import TinyLLaVA, fingerprint
 from tiny_llava import (BOS, EOS, FOLLOW_UP, QUESTION, REPO, SYSTEM, byte_level_tokenizer, our_answer, tiny_llava,
@@ -122,11 +121,31 @@ def test_answer_file_has_llava_model_vqa_records_with_the_answers_generate_gives
     lines = read_lines(answers)
     assert [set(line) for line in lines] == [{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}] * 3
     ours = {"model": tiny.ckpt, "fingerprint": fingerprint(tiny.ckpt), "template": "vicuna_v1", "aspect": "crop",
-            "max_new_tokens": 12}  # what decides the answers, so that resuming never mixes two models' answers
+            "max_new_tokens": 12, "single_pred_prompt": False}  # what decides the answers: resuming never mixes
     assert [line["metadata"].pop("tinyllava") for line in lines] == [ours] * 3
     assert [(line["question_id"], line["prompt"], line["text"], line["metadata"]) for line in lines] == expected
     assert all(line["model_id"] == os.path.basename(tiny.root) for line in lines)
     assert len({line["answer_id"] for line in lines}) == 3 and "ETA" in result.stderr
+
+
+def test_a_scienceqa_list_is_answered_as_model_vqa_science_with_image_in_the_prompt_and_the_letter_prompt(tiny):
+    """model_vqa_science.py with --single-pred-prompt: the question is the first human turn without <image>, asked
+    with "Answer with the option's letter ..." on a line of its own; the answer's prompt starts "<image>\n" where the
+    record has an image (eval_science_qa.py counts those for IMG-Accuracy)."""
+    model = TinyLLaVA.from_pretrained(tiny.ckpt).eval()
+    letter_prompt = "Answer with the option's letter from the given choices directly."
+    records = [{"id": "11", "image": os.path.basename(tiny.images[0]),
+                "conversations": [{"from": "human", "value": f"{QUESTION}\n<image>"}, {"from": "gpt", "value": "A"}]},
+               {"id": "12", "conversations": [{"from": "human", "value": FOLLOW_UP}, {"from": "gpt", "value": "B"}]}]
+    (tiny.root / "sqa.json").write_text(json.dumps(records))
+    answers = str(tiny.root / "sqa_answers.jsonl")
+    result = run_cli("--questions", str(tiny.root / "sqa.json"), "--answers", answers, "--ckpt", tiny.ckpt,
+                     "--max_new_tokens", "6", "--single_pred_prompt")
+    assert result.returncode == 0, result.stderr
+    lines = read_lines(answers)
+    assert [line["prompt"] for line in lines] == [f"<image>\n{QUESTION}\n{letter_prompt}", f"{FOLLOW_UP}\n{letter_prompt}"]
+    assert lines[0]["text"] == our_answer(tiny, model, f"{QUESTION}\n{letter_prompt}", tiny.images[0], 6)
+    assert lines[0]["metadata"]["tinyllava"]["single_pred_prompt"] is True
 
 
 def test_killed_run_resumes_without_repeating_or_losing_a_question(tiny, tmp_path, monkeypatch):
@@ -179,96 +198,6 @@ def test_bad_question_lines_and_missing_images_are_named_by_line_skipped_counted
     result = run_cli(*argv[:3], str(tmp_path / "b.jsonl"), *argv[4:], "--max_bad_fraction", "0.1")
     assert result.returncode == 1 and "bad" in result.stderr and "--max_bad_fraction" in result.stderr
     assert len(result.stderr.strip().splitlines()[-1]) < 400
-
-
-def score_lines(tmp_path, kind, answers, truth):
-    """evaluate.py --score on hand-written answers ({id: text}) and truth ({id: answer or (answer, category)})."""
-    answer_file = write_lines(tmp_path / "a.jsonl", [{"question_id": k, "text": v} for k, v in answers.items()])
-    truth_file = write_lines(tmp_path / "t.jsonl", [
-        {"question_id": k, ("label" if kind == "pope" else "answer"): v[0] if isinstance(v, tuple) else v}
-        | ({"category": v[1]} if isinstance(v, tuple) else {}) for k, v in truth.items()])
-    printed = io.StringIO()
-    accuracy = evaluate.score(kind, answer_file, truth_file, out=printed)
-    return accuracy, printed.getvalue()
-
-
-def test_short_answers_are_lowercased_and_lose_a_trailing_period_then_must_match_exactly(tmp_path):
-    answers = {1: "Red.", 2: "yes", 3: " Top Left. ", 4: "red circle", 5: "2.", 6: "The circle is red."}
-    truth = {1: "red", 2: "yes", 3: "top left", 4: "red", 5: "2", 6: "red"}
-    accuracy, table = score_lines(tmp_path, "short", answers, truth)
-    assert accuracy == 4 / 6  # 1, 2, 3, 5 right; 4 and 6 are not a single matching word
-    assert "overall" in table
-    # format compliance: 1, 2, 3, 5 are among the key's answers (right or wrong); "red circle" and a sentence are not
-    assert "format: 4 of 6 answers (66.7%) are a word or phrase among the key's answers" in table
-
-
-def test_choices_are_read_as_scienceqa_reads_them_and_anything_else_fails(tmp_path):
-    answers = {1: "A", 2: "B. blue", 3: "The answer is C.", 4: "I think it is A", 5: "D", 6: "a", 7: "C. red",
-               8: "The answer is B. Because the circle is blue."}
-    truth = {1: ("A", "image"), 2: ("B", "image"), 3: ("C", "text"), 4: ("A", "text"), 5: ("A", "image"),
-             6: ("A", "text"), 7: ("A", "text"), 8: ("B", "image")}
-    accuracy, table = score_lines(tmp_path, "choice", answers, truth)
-    assert accuracy == 4 / 8  # 1, 2, 3, 8; 4 and 6 FAILED (no letter read), 5 and 7 wrong letters
-    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:]}
-    assert rows["image"] == ["3", "4", "0.7500", "0"] and rows["text"] == ["1", "4", "0.2500", "2"]
-    assert rows["overall"] == ["4", "8", "0.5000", "2"]
-    assert "format: 2 of 8 answers (25.0%) are a bare letter" in table  # 1 and 5 ("a" is no capital letter)
-
-
-def test_pope_reads_the_first_sentence_no_or_not_means_no_and_reports_precision_recall_f1_yes_ratio(tmp_path):
-    answers = {1: "Yes", 2: "No, there is not.", 3: "There is not a red circle.", 4: "Yes. There is no square.",
-               5: "yes", 6: "Yes, there is."}
-    truth = {1: ("yes", "random"), 2: ("no", "random"), 3: ("yes", "random"), 4: ("yes", "adversarial"),
-             5: ("no", "adversarial"), 6: ("no", "adversarial")}
-    accuracy, table = score_lines(tmp_path, "pope", answers, truth)
-    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in table.splitlines()[2:-1]}
-    assert table.splitlines()[-1] == "format: 5 of 6 answers (83.3%) are yes or no first"  # not "There is not ..."
-    # predicted yes, no, no, yes, yes, yes: right 1, 2, 4; true positives 1 and 4 of 4 predicted yes and 3 true yes
-    assert accuracy == 3 / 6
-    assert rows["overall"] == [6, 0.5, 0.5, round(2 / 3, 4), round(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3), 4), round(4 / 6, 4)]
-    assert rows["random"] == [3, round(2 / 3, 4), 1.0, 0.5, round(2 / 3, 4), round(1 / 3, 4)]
-
-
-def test_scores_read_scienceqa_problems_json_and_refuse_answers_missing_from_the_key(tmp_path):
-    answers = write_lines(tmp_path / "a.jsonl", [{"question_id": "4", "text": "B"}, {"question_id": "9", "text": "A"}])
-    (tmp_path / "problems.json").write_text(json.dumps({"4": {"answer": 1, "split": "test"},
-                                                        "9": {"answer": 2, "split": "test"}}))
-    assert evaluate.score("choice", answers, str(tmp_path / "problems.json"), out=io.StringIO()) == 0.5
-    with pytest.raises(flags.Stop, match="no answer lines to score"):
-        evaluate.score("choice", write_lines(tmp_path / "empty.jsonl", []), str(tmp_path / "problems.json"),
-                     out=io.StringIO())
-    with pytest.raises(flags.Stop, match="not in --truth"):
-        evaluate.score("choice", write_lines(tmp_path / "b.jsonl", [{"question_id": "5", "text": "A"}]),
-                     str(tmp_path / "problems.json"), out=io.StringIO())
-
-
-def test_pope_annotation_directory_pairs_labels_with_questions_by_category_and_file_order(tmp_path):
-    # POPE's label files each number their questions from 1, so ids collide across categories; eval_pope.py pairs the
-    # questions of a category, in the question file's order, with that category's labels, in order.
-    questions = write_lines(tmp_path / "llava_pope_test.jsonl", [
-        {"question_id": 10, "image": "a.jpg", "text": "Is there a cat?", "category": "random"},
-        {"question_id": 11, "image": "a.jpg", "text": "Is there a dog?", "category": "popular"},
-        {"question_id": 12, "image": "b.jpg", "text": "Is there a car?", "category": "random"},
-        {"question_id": 13, "image": "b.jpg", "text": "Is there a bus?", "category": "popular"}])
-    (tmp_path / "coco").mkdir()
-    write_lines(tmp_path / "coco" / "coco_pope_random.json", [{"question_id": 1, "label": "yes"},
-                                                               {"question_id": 2, "label": "no"}])
-    write_lines(tmp_path / "coco" / "coco_pope_popular.json", [{"question_id": 1, "label": "no"},
-                                                                {"question_id": 2, "label": "no"}])
-    answers = write_lines(tmp_path / "a.jsonl", [{"question_id": 13, "text": "No."}, {"question_id": 10, "text": "Yes"},
-                                                 {"question_id": 12, "text": "No"}, {"question_id": 11, "text": "Yes"}])
-    printed = io.StringIO()
-    accuracy = evaluate.score("pope", answers, str(tmp_path / "coco"), out=printed, questions=questions)
-    assert accuracy == 3 / 4  # 10 yes=yes, 12 no=no, 13 no=no; 11 yes against no
-    rows = {line.split()[0]: line.split()[1:3] for line in printed.getvalue().splitlines()[2:]}
-    assert rows["random"] == ["2", "1.0000"] and rows["popular"] == ["2", "0.5000"]
-    with pytest.raises(flags.Stop, match="needs --questions"):
-        evaluate.score("pope", answers, str(tmp_path / "coco"), out=io.StringIO())
-    with pytest.raises(flags.Stop, match="read only as POPE's annotation directory"):
-        evaluate.score("short", answers, str(tmp_path / "coco"), out=io.StringIO(), questions=questions)
-    write_lines(tmp_path / "coco" / "coco_pope_random.json", [{"question_id": 1, "label": "yes"}])
-    with pytest.raises(flags.Stop, match="1 labels for the 2 'random' questions"):
-        evaluate.score("pope", answers, str(tmp_path / "coco"), out=io.StringIO(), questions=questions)
 
 
 def test_image_tokens_are_read_against_every_cell_as_the_mean_of_its_word_embeddings():

@@ -69,3 +69,24 @@ def test_every_bash_block_runs_as_written(repository, page):
         assert result.returncode == 0, (f"{page}, bash block {number}:\n{block}\n--- output:\n"
                                         f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_the_readme_file_table_counts_each_files_lines():
+    """The README's table of files says how long each is: the counts must be today's."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        rows = re.findall(r"^\| `([^`]+)` \| (\d+) \|", f.read(), flags=re.M)
+    assert len(rows) >= 10, "the README's file table was not found"
+    for name, stated in rows:
+        paths = [os.path.join(REPO, name)] if not name.endswith("/") else [
+            os.path.join(REPO, name, f) for f in os.listdir(os.path.join(REPO, name)) if f.endswith(".py")]
+        with_lines = sum(len(open(path).read().splitlines()) for path in paths)
+        assert int(stated) == with_lines, f"README says {name} has {stated} lines; it has {with_lines}"
+    listed = {name for name, _ in rows}
+    scripts = {f for f in os.listdir(REPO) if f.endswith(".py")}
+    assert scripts <= listed, f"files missing from the README's table: {sorted(scripts - listed)}"
+
+
+def test_the_readme_stays_a_first_page():
+    with open(os.path.join(REPO, "README.md")) as f:
+        lines = f.read().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines: move a deep dive to docs/ (250 at most)"
