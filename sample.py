@@ -101,28 +101,43 @@ def answer_images(model, tokenizer, pixel_values, names, text, config, sampling,
             print(f"{name}: {ask.decode_answer(ids, tokenizer, stops)}", file=out, flush=True)
 
 
-def stream_answer(tokens, tokenizer, stops, out):
-    """Print an answer as its tokens arrive and return its ids (with the stop token, if one came). Each step decodes
-    all the ids so far and prints only what is new, so spaces and characters made of several tokens come out right."""
+def answer_pieces(tokens, tokenizer, stops):
+    """An answer's text as its tokens (ids) arrive, yielded piece by piece. Each step decodes all the ids so far and
+    yields only what is new, so spaces and characters made of several tokens come out right."""
     ids, shown = [], ""
     for token in tokens:
         ids.append(token)
         text = ask.decode_answer(ids, tokenizer, stops)
-        if text.endswith("\ufffd"):  # part of a multi-byte character: wait for the rest
+        if text.endswith("\ufffd") or text == shown:  # part of a multi-byte character: wait for the rest
             continue
-        out.write(text[len(shown):])
-        out.flush()
+        yield text[len(shown):]
         shown = text
-    out.write(ask.decode_answer(ids, tokenizer, stops)[len(shown):] + "\n")
+    if rest := ask.decode_answer(ids, tokenizer, stops)[len(shown):]:
+        yield rest
+
+
+def stream_answer(tokens, tokenizer, stops, out):
+    """Print an answer as its tokens arrive, then a newline."""
+    for piece in answer_pieces(tokens, tokenizer, stops):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
     out.flush()
-    return ids
 
 
 def chat(model, tokenizer, pixel_values, max_new, sampling, read, out=None):
+    """A conversation on the terminal (Chat): read(prompt) gives the next question (None or an empty line ends), each
+    answer is printed as it is generated. Returns the Chat's turns."""
+    conversation = Chat(model, tokenizer, pixel_values)
+    while (text := read("> ")) is not None and text.strip():
+        stream_answer(conversation.ask(text, max_new, sampling), tokenizer, conversation.stops, out or sys.stdout)
+    return conversation.turns
+
+
+class Chat:
     """
     A conversation about one image (or none: pixel_values None), each turn continuing in one KV cache: only the new
-    turn's tokens are prefilled.
-    read(prompt) gives the next question (None or an empty line ends). Returns [(ids fed this turn, answer ids)].
+    turn's tokens are prefilled. turns: [(ids fed that turn, answer ids)]. sample.py --chat and demo.py talk through it.
 
     The cache holds every position seen so far except the last answer's final token: generate_stream yields it but
     never feeds it. A new turn feeds that token (and the end-of-turn token if the answer was cut short) followed by
@@ -132,36 +147,52 @@ def chat(model, tokenizer, pixel_values, max_new, sampling, read, out=None):
     as a length difference between two encodings of the same text (the conversation through the last answer, and
     that plus the question), never by slicing the generated history.
     """
-    out = out or sys.stdout
-    template = model.config.template  # vicuna_v1: main refuses a --chat with a plain (stage-1) model
-    weight = model.llm.embed_tokens.weight
-    cache = KVCache(model.llm.config, 1, model.llm.config.max_position_embeddings, weight.device, weight.dtype)
-    stops = stop_token_ids(tokenizer, template)
-    end_of_turn = stops[0]  # vicuna_v1 closes each answer with EOS
-    conversation, turns, unfed = [], [], []
-    while (text := read("> ")) is not None and text.strip():
-        first = not conversation
-        conversation.append({"from": "human", "value": (IMAGE_TAG + "\n" if first and pixel_values is not None else "")
-                             + text.replace(IMAGE_TAG, "").strip()})
-        prompt = encode_prompt(conversation, tokenizer, template, image_first=True)
+
+    def __init__(self, model, tokenizer, pixel_values):
+        self.model, self.tokenizer, self.pixel_values = model, tokenizer, pixel_values
+        weight = model.llm.embed_tokens.weight
+        self.cache = KVCache(model.llm.config, 1, model.llm.config.max_position_embeddings, weight.device, weight.dtype)
+        self.template = model.config.template  # vicuna_v1: a plain (stage-1) model is refused before it gets here
+        self.stops = stop_token_ids(tokenizer, self.template)
+        self.conversation, self.turns, self.unfed = [], [], []
+
+    def ask(self, text, max_new, sampling):
+        """Yield the answer's token ids to the question `text` as they are generated. A question that does not fit the
+        context is a Stop before anything changes. The turn is recorded when the answer ends or when the caller stops
+        reading (closes this generator): the cache then holds the answer so far, as one cut short at max_new."""
+        first = not self.conversation
+        image = first and self.pixel_values is not None
+        question = {"from": "human", "value": (IMAGE_TAG + "\n" if image else "") + text.replace(IMAGE_TAG, "").strip()}
+        prompt = encode_prompt(self.conversation + [question], self.tokenizer, self.template, image_first=True)
         if first:
             new_ids = prompt
         else:
-            known = len(encode_conversation(conversation[:-1], tokenizer, template, image_first=True)[0])
-            new_ids = unfed + prompt[known:]  # (last answer token, [end of turn]) + "USER: {question} ASSISTANT:"
-        new_positions = len(new_ids) - 1 + model.num_image_tokens if first and pixel_values is not None \
-            else len(new_ids)  # the image placeholder becomes num_image_tokens positions
-        budget = ask.answer_budget(model, cache.length, new_positions, max_new,
+            known = len(encode_conversation(self.conversation, self.tokenizer, self.template, image_first=True)[0])
+            new_ids = self.unfed + prompt[known:]  # (last answer token, [end of turn]) + "USER: {question} ASSISTANT:"
+        # the image placeholder becomes num_image_tokens positions
+        new_positions = len(new_ids) - 1 + self.model.num_image_tokens if image else len(new_ids)
+        budget = ask.answer_budget(self.model, self.cache.length, new_positions, max_new,
                                    "the conversation is too long; start a new chat")
-        tokens = model.generate_stream([new_ids], pixel_values if first else None, cache=cache,
-                                       max_new_tokens=budget, stop_token_ids=stops, **sampling)
-        answer = stream_answer((int(token[0]) for token in tokens), tokenizer, stops, out)
-        unfed = [answer[-1]] + ([] if answer[-1] in stops else [end_of_turn])
-        # the text only serves the length arithmetic above; a tag in it would read as a second image
-        conversation.append({"from": "gpt", "value": ask.decode_answer(answer, tokenizer, stops).replace(IMAGE_TAG,
-                                                                                                        "")})
-        turns.append((new_ids, answer))
-    return turns
+        tokens = self.model.generate_stream([new_ids], self.pixel_values if image else None, cache=self.cache,
+                                            max_new_tokens=budget, stop_token_ids=self.stops, **sampling)
+        answer = []
+        try:
+            for token in tokens:
+                answer.append(int(token[0]))
+                yield answer[-1]
+        finally:
+            tokens.close()
+            if answer:  # else nothing was fed: the conversation stays as it was
+                self.record(question, new_ids, answer)
+
+    def record(self, question, new_ids, answer):
+        """The turn, once answered: what the next turn must feed first, and the answer's text for the arithmetic."""
+        end_of_turn = self.stops[0]  # vicuna_v1 closes each answer with EOS
+        self.unfed = [answer[-1]] + ([] if answer[-1] in self.stops else [end_of_turn])
+        # the text only serves the length arithmetic in ask; a tag in it would read as a second image
+        answer_text = ask.decode_answer(answer, self.tokenizer, self.stops).replace(IMAGE_TAG, "")
+        self.conversation += [question, {"from": "gpt", "value": answer_text}]
+        self.turns.append((new_ids, answer))
 
 
 def read_question(prompt):

@@ -152,6 +152,25 @@ def test_chat_second_turn_prefills_only_new_tokens_and_answers_as_the_whole_conv
     assert result.returncode == 0, result.stderr
     assert result.stdout == printed.getvalue()
 
+def test_an_answer_left_midway_is_kept_as_one_cut_short_and_a_question_too_long_changes_nothing(tiny):
+    """demo.py stops reading an answer when its client goes: the conversation goes on as if the answer had been cut
+    at max_new_tokens there."""
+    model = TinyLLaVA.from_pretrained(tiny.ckpt).eval()
+    pixel_values = process_image(load_image(tiny.images[0]), 16, "crop")[None]
+    conversation = sample.Chat(model, tiny.tokenizer, pixel_values)
+    tokens = conversation.ask(QUESTION, 12, dict(temperature=0.0))
+    partial = [next(tokens) for _ in range(3)]
+    tokens.close()
+    assert conversation.turns == [(vicuna_ids(tiny.tokenizer, [QUESTION]), partial)] and EOS not in partial
+    cached = conversation.cache.length
+    with pytest.raises(flags.Stop, match="the conversation is too long"):
+        next(conversation.ask("x" * CONTEXT, 12, dict(temperature=0.0)))
+    assert len(conversation.turns) == 1 and conversation.cache.length == cached
+    follow_up = list(conversation.ask(FOLLOW_UP, 12, dict(temperature=0.0)))
+    whole = vicuna_ids(tiny.tokenizer, [QUESTION, partial, FOLLOW_UP])  # the 3 tokens, closed by the end of turn
+    expected = model.generate([whole], pixel_values, max_new_tokens=12, stop_token_ids=[EOS], use_cache=False)[0]
+    assert follow_up == expected.tolist()
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Bad input: one line on stderr naming the culprit, a non-zero exit, no traceback
 
