@@ -44,7 +44,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import flags
 import world
@@ -238,6 +238,23 @@ def tool_turn(reply, image, question):
         raise ToolError(f"{len(actions)} actions in one turn; the server runs one")
     text, output = run_tool(actions[0], image)
     return f"{text}\n\n{SUMMARIZE.format(question=question)}", output
+
+def picture(image, output, scale=4):
+    """What a tool did, for the user's eyes: the edited image, or the image (scale times larger) with the boxes found
+    drawn and the masks tinted; None when the output holds none of these."""
+    if "edited_image" in output:
+        return output["edited_image"]
+    if not output.get("boxes") and not output.get("masks"):
+        return None
+    pixels = np.asarray(image.convert("RGB")).repeat(scale, 0).repeat(scale, 1).copy()  # (H*scale, W*scale, 3)
+    for mask in output.get("masks", []):
+        big = mask.repeat(scale, 0).repeat(scale, 1)  # (H*scale, W*scale)
+        pixels[big] = pixels[big] // 2 + np.array([0, 0, 127], dtype=np.uint8)  # half blue
+    drawn = Image.fromarray(pixels)
+    draw, (width, height) = ImageDraw.Draw(drawn), drawn.size
+    for x0, y0, x1, y1 in output.get("boxes", []):
+        draw.rectangle((x0 * width, y0 * height, x1 * width - 1, y1 * height - 1), outline=(0, 0, 0), width=2)
+    return drawn
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Teaching: LLaVA-Plus's records, the question from the scene (the teacher's part), the tool's output from the pixels

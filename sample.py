@@ -14,13 +14,19 @@ Examples:
     python sample.py --image photo.png --temperature 0.2 --seed 7             # sampled, as LLaVA's chat demo
     python sample.py --image photo.png --threads 1 --max-new-tokens 32        # 1 thread when others load the cores
     python sample.py --hf llava-1.5-7b-hf --image photo.jpg --device cuda     # published LLaVA weights (HF layout)
+    python sample.py --ckpt out/plus --image photo.png --prompt "Remove the red circle."  # LLaVA-Plus: tools run
+    python sample.py --ckpt out/plus --image photo.png --chat --tools mytools.py  # with tools of your own
 
 The model is --ckpt (one of ours: a ckpt.pt or its directory), --hf (an HF LlavaForConditionalGeneration directory),
 or by default out/stage2/ckpt.pt, else out/stage1/ckpt.pt (train.py's default out_dirs); a path is looked for where
 you run this, then in this repository. Images are preprocessed as in training (the vision tower's size, mean and std;
 the checkpoint's crop or pad), and the prompt is the model's template with the image before the question. Answers go
-to stdout, everything else to stderr.
+to stdout, everything else to stderr. A LLaVA-Plus model's reply that names a tool (docs/plus.md) has the tool run on
+the image, its output shown and handed back, and the model's next reply streamed; a call that cannot run is one line,
+and the conversation goes on.
 """
+import importlib.util
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -28,6 +34,7 @@ import torch
 
 import ask
 import flags
+import plus
 from data import IMAGE_TAG, ImageError, encode_conversation, encode_prompt, load_image, question_ids, stop_token_ids
 from llama import KVCache
 
@@ -51,6 +58,10 @@ class SampleConfig(ask.ModelFlags):
     top_p: float = 1.0  # nucleus sampling threshold (1.0: off)
     seed: int = 1337  # of the sampling generator
     batch_size: int = 32  # images per generate call
+    # LLaVA-Plus: a reply that names a tool (plus.py) has it run on the --image and gets its output back as a new turn
+    tools: list[str] = field(default_factory=list)  # Python files of your own tools (functions registered with
+                                                    # @plus.tool("name")), besides detector, segmenter and editor
+    tool_dir: str = "out/tools"  # where the pictures of a tool's work go: boxes drawn, masks, edited images
 
 
 def main(argv=None):
@@ -61,6 +72,8 @@ def main(argv=None):
             return
         config = checked(SampleConfig(**given), given)
         images = [load_image(path) for path in config.image]  # a typo in a path should not cost a 7B load first
+        for path in config.tools:
+            load_tools(path)
         path = ask.find_model(config)
         if config.chat or not images:
             ask.refuse_captioner(config, path, "--chat" if config.chat else "a --prompt without --image")
@@ -68,16 +81,20 @@ def main(argv=None):
         generator = torch.Generator(device=model.llm.embed_tokens.weight.device).manual_seed(config.seed)
         sampling = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, generator=generator)
         pixel_values = ask.to_pixels(model, images) if images else None  # None: text only, as some LLaVA records
-        if not config.chat:  # one question about each image (or none)
+        if len(images) > 1 or model.config.template == "plain":  # one question about each image
             if model.config.template == "plain" and "prompt" in given:
                 print("note: a stage-1 model (plain template) ignores --prompt and captions the image", file=sys.stderr)
             answer_images(model, tokenizer, pixel_values, config.image, config.prompt, config, sampling)
             return
-        print(f"chat about {config.image[0] if images else 'no image'} ({model.config.template} template): type a "
-              "question; an empty line or Ctrl-D ends", file=sys.stderr)
-        opening = [config.prompt] if "prompt" in given else []  # --prompt, if given, is the first question
+        opening = [config.prompt] if "prompt" in given or not config.chat else []  # the first question, if given
+        if config.chat:
+            print(f"chat about {config.image[0] if images else 'no image'} ({model.config.template} template): type "
+                  "a question; an empty line or Ctrl-D ends", file=sys.stderr)
+        more = read_question if config.chat else lambda prompt: None  # one-shot: a chat of one question
         chat(model, tokenizer, pixel_values, config.max_new_tokens, sampling,
-             read=lambda prompt: opening.pop() if opening else read_question(prompt))
+             read=lambda prompt: opening.pop() if opening else more(prompt),
+             image=images[0] if images else None, tool_dir=config.tool_dir,
+             first_culprit="--prompt" if opening else "the question is too long for the model's context")
 
 
 def answer_images(model, tokenizer, pixel_values, names, text, config, sampling, out=None):
@@ -117,21 +134,53 @@ def answer_pieces(tokens, tokenizer, stops):
 
 
 def stream_answer(tokens, tokenizer, stops, out):
-    """Print an answer as its tokens arrive, then a newline."""
+    """Print an answer as its tokens arrive, then a newline; return its text."""
+    pieces = []
     for piece in answer_pieces(tokens, tokenizer, stops):
         out.write(piece)
         out.flush()
+        pieces.append(piece)
     out.write("\n")
     out.flush()
+    return "".join(pieces)
 
 
-def chat(model, tokenizer, pixel_values, max_new, sampling, read, out=None):
+def chat(model, tokenizer, pixel_values, max_new, sampling, read, out=None, image=None, tool_dir="out/tools",
+         first_culprit="--prompt"):
     """A conversation on the terminal (Chat): read(prompt) gives the next question (None or an empty line ends), each
-    answer is printed as it is generated. Returns the Chat's turns."""
+    answer is printed as it is generated. A reply that names a tool (LLaVA-Plus) has it run on `image` (PIL), and
+    the reply to its output follows. first_culprit names the first question if it is too long. Returns the turns."""
+    out = out or sys.stdout
     conversation = Chat(model, tokenizer, pixel_values)
     while (text := read("> ")) is not None and text.strip():
-        stream_answer(conversation.ask(text, max_new, sampling), tokenizer, conversation.stops, out or sys.stdout)
+        asked = conversation.ask(text, max_new, sampling, *([first_culprit] if not conversation.turns else []))
+        reply = stream_answer(asked, tokenizer, conversation.stops, out)
+        handed_back = use_tool(reply, image, text, tool_dir, out)
+        if handed_back is not None:
+            stream_answer(conversation.ask(handed_back, max_new, sampling), tokenizer, conversation.stops, out)
     return conversation.turns
+
+
+def use_tool(reply, image, question, tool_dir, out):
+    """LLaVA-Plus's server step: the tool a reply names, run on the user's image, its output shown (and its picture
+    saved under tool_dir); returns the turn that hands the output back, or None (no tool named, or one line saying
+    why the call could not run)."""
+    try:
+        step = plus.tool_turn(reply, image, question)
+    except plus.ToolError as error:
+        print(f"tool not run: {error}", file=out, flush=True)
+        return None
+    if step is None:
+        return None
+    handed_back, output = step
+    print(f"tool: {handed_back.splitlines()[0]}", file=out, flush=True)
+    picture = plus.picture(image, output)
+    if picture is not None:
+        os.makedirs(tool_dir, exist_ok=True)
+        path = next(p for n in range(1, 10 ** 6) if not os.path.exists(p := os.path.join(tool_dir, f"{n:03d}.png")))
+        picture.save(path)
+        print(f"tool: its picture is {path}", file=out, flush=True)
+    return handed_back
 
 
 class Chat:
@@ -156,9 +205,9 @@ class Chat:
         self.stops = stop_token_ids(tokenizer, self.template)
         self.conversation, self.turns, self.unfed = [], [], []
 
-    def ask(self, text, max_new, sampling):
+    def ask(self, text, max_new, sampling, culprit="the conversation is too long; start a new chat"):
         """Yield the answer's token ids to the question `text` as they are generated. A question that does not fit the
-        context is a Stop before anything changes. The turn is recorded when the answer ends or when the caller stops
+        context is a Stop naming the culprit before anything changes. The turn is recorded when the answer ends or when the caller stops
         reading (closes this generator): the cache then holds the answer so far, as one cut short at max_new."""
         first = not self.conversation
         image = first and self.pixel_values is not None
@@ -171,8 +220,7 @@ class Chat:
             new_ids = self.unfed + prompt[known:]  # (last answer token, [end of turn]) + "USER: {question} ASSISTANT:"
         # the image placeholder becomes num_image_tokens positions
         new_positions = len(new_ids) - 1 + self.model.num_image_tokens if image else len(new_ids)
-        budget = ask.answer_budget(self.model, self.cache.length, new_positions, max_new,
-                                   "the conversation is too long; start a new chat")
+        budget = ask.answer_budget(self.model, self.cache.length, new_positions, max_new, culprit)
         tokens = self.model.generate_stream([new_ids], self.pixel_values if image else None, cache=self.cache,
                                             max_new_tokens=budget, stop_token_ids=self.stops, **sampling)
         answer = []
@@ -193,6 +241,17 @@ class Chat:
         answer_text = ask.decode_answer(answer, self.tokenizer, self.stops).replace(IMAGE_TAG, "")
         self.conversation += [question, {"from": "gpt", "value": answer_text}]
         self.turns.append((new_ids, answer))
+
+
+def load_tools(path):
+    """Run a Python file of the user's, whose @plus.tool functions join the tools a reply may name."""
+    try:
+        spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    except (OSError, AttributeError) as error:
+        raise flags.Stop(f"--tools {path}: cannot read it ({error})") from None
+    except Exception as error:
+        raise flags.Stop(f"--tools {path}: {type(error).__name__}: {error}") from None
 
 
 def read_question(prompt):

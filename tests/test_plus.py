@@ -5,6 +5,7 @@ import random
 from types import SimpleNamespace
 
 import numpy as np
+from PIL import Image
 import pytest
 
 import plus
@@ -238,3 +239,56 @@ class SimpleModel:
     config = SimpleNamespace(template="vicuna_v1")
     llm = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096))
     num_image_tokens = 9
+
+
+def test_sample_chat_runs_the_named_tool_shows_its_output_saves_its_picture_and_goes_on_after_a_bad_call(
+        tmp_path, monkeypatch):
+    """sample.py's loop with a scripted model: a reply naming the detector gets the tool's output back as the next
+    turn (and the reply to it streamed), the boxes drawn are saved; a malformed call is one line and the next
+    question is asked as usual."""
+    import io
+    import sample
+    tokenizer = load_tokenizer(f"{REPO}/bases/llama")
+    scene = world.Scene("white", (world.place("circle", "green", "small", 1, 1),))
+    replies = [assistant_text(tool_record()[1]), assistant_text(tool_record()[3]),
+               '"thoughts🤔" t\n"actions🚀" [{"API_name": "ruler"}]\n"value👉" v\n']
+    asked = []
+
+    class ScriptedChat:
+        def __init__(self, model, tokenizer, pixel_values):
+            self.stops, self.turns = [tokenizer.token_to_id("</s>")], []
+
+        def ask(self, text, max_new, sampling, culprit=None):
+            asked.append(text)
+            yield from tokenizer.encode(replies.pop(0), add_special_tokens=False).ids + self.stops
+
+    monkeypatch.setattr(sample, "Chat", ScriptedChat)
+    questions, out = ["Where is the small green circle?", "What is this?", None], io.StringIO()
+    sample.chat(None, tokenizer, None, 64, {}, read=lambda prompt: questions.pop(0), out=out,
+                image=world.render(scene), tool_dir=str(tmp_path / "tools"))
+    printed = out.getvalue().splitlines()
+    assert asked == ["Where is the small green circle?", tool_record()[2]["value"], "What is this?"]
+    assert f"tool: {tool_record()[2]['value'].splitlines()[0]}" in printed
+    assert f"tool: its picture is {tmp_path / 'tools' / '001.png'}" in printed
+    assert "tool not run: there is no tool 'ruler' (there are detector, editor, segmenter)" in printed
+    drawn = np.asarray(Image.open(tmp_path / "tools" / "001.png"))
+    assert drawn.shape == (256, 256, 3) and (drawn[26 * 4, 26 * 4:36 * 4] == 0).all()  # the box's top edge, black
+
+
+def test_tools_of_ones_own_load_from_a_file_and_a_broken_file_is_one_line(tmp_path):
+    import flags
+    import sample
+    (tmp_path / "mytools.py").write_text("import plus\n\n@plus.tool('counter')\ndef count(image, caption):\n"
+                                         "    return {'count': len(plus.detect(image, caption)['boxes'])}\n")
+    try:
+        sample.load_tools(str(tmp_path / "mytools.py"))
+        turn, _ = plus.tool_turn('"thoughts🤔" t\n"actions🚀" [{"API_name": "counter", "API_params": {"caption": '
+                                 '"object"}}]\n"value👉" v\n', world.render(SCENES[2]), "How many?")
+        assert turn.startswith(f"counter model outputs: {{'count': {len(SCENES[2].objects)}}}")
+    finally:
+        plus.TOOLS.pop("counter", None)
+    (tmp_path / "broken.py").write_text("import plus\nplus.tool(\n")
+    with pytest.raises(flags.Stop, match="--tools .*broken.py: SyntaxError"):
+        sample.load_tools(str(tmp_path / "broken.py"))
+    with pytest.raises(flags.Stop, match="--tools nothere.py: cannot read it"):
+        sample.load_tools("nothere.py")

@@ -204,7 +204,7 @@ def bad_inputs(tiny, tmp_path):
             ["--image", image, "--ckpt", tiny.ckpt, "--prompt", long_prompt(tiny, CONTEXT + 1)], "--prompt"),
         "chat question over the context by its image tokens": (  # --prompt is the chat's first question
             ["--image", image, "--ckpt", tiny.ckpt, "--chat", "--prompt", long_prompt(tiny, CONTEXT + 1)],
-            "conversation is too long"),
+            "--prompt"),
         "--chat with a stage-1 model, refused before loading it": (
             ["--image", image, "--ckpt", tiny.plain, "--chat"],
             "is a stage-1 model (plain template): it only captions; add --template vicuna_v1"),
