@@ -79,7 +79,7 @@ class TrainConfig:
                                     # unreadable image, or no answer left within max_length); each is reported
                                     # and skipped
     group_by_modality_length: bool = False  # LLaVA's length-grouped batches: faster, but not the exact order
-    pack: bool = False  # each micro-batch's samples end to end in one row, no padding, each sample kept to itself
+    pack: bool = True  # a micro-batch is one row of its samples end to end, each kept to itself (false: padded rows)
     # optimization
     epochs: int | None = None  # passes over the data; they set the schedule's length unless --max_steps does
     max_steps: int = 0  # the schedule's length in optimizer steps (0: epochs x steps per epoch). Warmup and cosine
