@@ -171,13 +171,18 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # (B, n_kv_head, end, head_dim)
 
 
+def flash_varlen_runs(q):
+    """Whether flash attention's variable-length kernel takes q's device and dtype: CUDA, 16 bits."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
 def packed_attention(q, k, v, samples, gqa):
     """Causal attention inside each sample of one packed row, q (1, n_head, T, head_dim), k and v (1, n_kv_head, T,
     head_dim), samples: the lengths of the samples laid end to end (summing to T). No sample sees another, as if each
     were alone: on CUDA in 16 bits flash attention's variable-length kernel over the whole row; elsewhere one SDPA per
     sample (on the CPU 2.3x faster at 2,048 tokens than one SDPA with a block-diagonal (T, T) mask, which computes
     every block)."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if flash_varlen_runs(q):
         from torch.nn.attention.varlen import varlen_attn
         ends = torch.tensor([0] + samples, device=q.device).cumsum(0).to(torch.int32)  # (N + 1,) cumulative
         q, k, v = (rearrange(t, "1 h t d -> t h d") for t in (q, k, v))  # (T, heads, head_dim)
