@@ -8,7 +8,7 @@ tinyllava: the LLaVA model, the paper's Figure 1 in a few lines.
 
     from tinyllava import TinyLLaVA
     model = TinyLLaVA.from_pretrained("out/stage2/ckpt.pt")          # one of ours, or an HF LLaVA directory
-    logits, loss = model(input_ids, pixel_values, labels)          # logits where labels are kept
+    logits, loss = model(input_ids, pixel_values, labels)            # logits where labels are kept
     model.add_lora(r=128, alpha=256, dropout=0.05)                   # LoRA: the LLM frozen, adapters train
     model.merge_lora()                                               # the adapters folded into the LLM's weights
 
