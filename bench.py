@@ -5,12 +5,14 @@ over interleaved rounds (ours, theirs, ours, theirs, ...), never a bare time.
     python bench.py models    # LLaMA and CLIP vision tower: forward+backward time and peak memory, ours / transformers
     python bench.py llava     # TinyLLaVA vs LlavaForConditionalGeneration: stage-2 train step; greedy tokens/s
     python bench.py train     # train.py's stage-2 step: tokens/s, peak memory, FLOP/s over a plain matmul's
+    python bench.py pack      # train.py's step on padded micro-batches and on the same packed (--pack): useful tokens/s
     python bench.py lora      # train.py's stage-2 step with LoRA against full fine-tuning: peak memory and time
 
 Peak memory on the CPU is the rise of the process's peak resident memory during one step (Linux VmHWM, reset just
 before it); the script re-runs itself with glibc returning large blocks to the system, so freed memory shows.
 """
 import json
+import math
 import os
 import re
 import statistics
@@ -52,19 +54,24 @@ def measure(step):
     return time.perf_counter() - start, memory("VmHWM") - before
 
 
-def compare(name, ours, theirs, unit="step"):
-    """Run both steps interleaved ROUNDS times after a warm-up; print medians and ratios."""
-    ours(), theirs()
-    results = {"ours": [], "transformers": []}
+def compare(name, steps, unit="step"):
+    """Run steps (label -> step, ours first) interleaved ROUNDS times after a warm-up; print medians and the ratios of
+    ours over each other. Returns {label: (time ratio, peak memory ratio)} of ours over each other."""
+    for step in steps.values():
+        step()
+    results = {label: [] for label in steps}
     for _ in range(ROUNDS):
-        for label, step in (("ours", ours), ("transformers", theirs)):
+        for label, step in steps.items():
             results[label].append(measure(step))
-    time_ours, time_theirs = (statistics.median(t for t, _ in results[k]) for k in ("ours", "transformers"))
-    mem_ours, mem_theirs = (statistics.median(m for _, m in results[k]) for k in ("ours", "transformers"))
-    print(f"{name}: {unit} time ours {time_ours * 1e3:.1f} ms, transformers {time_theirs * 1e3:.1f} ms, "
-          f"ratio {time_ours / time_theirs:.3f} | peak memory ours {mem_ours / 2**20:.1f} MiB, "
-          f"transformers {mem_theirs / 2**20:.1f} MiB, ratio {mem_ours / max(mem_theirs, 1):.3f}")
-    return time_ours / time_theirs, mem_ours / max(mem_theirs, 1)
+    times = {label: statistics.median(t for t, _ in rounds) for label, rounds in results.items()}
+    peaks = {label: statistics.median(m for _, m in rounds) for label, rounds in results.items()}
+    print(f"{name}: {unit} time " + ", ".join(f"{label} {times[label] * 1e3:.1f} ms" for label in steps)
+          + " | peak memory " + ", ".join(f"{label} {peaks[label] / 2**20:.1f} MiB" for label in steps))
+    ours, *others = steps
+    ratios = {label: (times[ours] / times[label], peaks[ours] / max(peaks[label], 1)) for label in others}
+    for label, (time_ratio, memory_ratio) in ratios.items():
+        print(f"  {ours} / {label}: time ratio {time_ratio:.3f}, peak memory ratio {memory_ratio:.3f}")
+    return ratios
 
 
 def forward_backward(model, loss_of):
@@ -84,9 +91,9 @@ def bench_models(directory):
     print(f"LLaMA: hidden {LLAMA['hidden_size']}, {LLAMA['num_hidden_layers']} layers, GQA "
           f"{LLAMA['num_attention_heads']}/{LLAMA['num_key_value_heads']}, vocab {LLAMA['vocab_size']}; "
           f"batch {tuple(input_ids.shape)}, fp32, {torch.get_num_threads()} threads")
-    compare("LLaMA forward+backward",
-            forward_backward(our_llama, lambda m: m(input_ids).float().logsumexp(-1).mean()),
-            forward_backward(hf_llama, lambda m: m(input_ids).logits.float().logsumexp(-1).mean()))
+    compare("LLaMA forward+backward", {
+        "ours": forward_backward(our_llama, lambda m: m(input_ids).float().logsumexp(-1).mean()),
+        "transformers": forward_backward(hf_llama, lambda m: m(input_ids).logits.float().logsumexp(-1).mean())})
     del hf_llama, our_llama
 
     hf_vision = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION, attn_implementation="sdpa"))
@@ -95,10 +102,10 @@ def bench_models(directory):
     pixels = torch.randn(4, 3, VISION["image_size"], VISION["image_size"])
     print(f"CLIP vision: hidden {VISION['hidden_size']}, {VISION['num_hidden_layers']} layers, "
           f"{VISION['image_size']} px / {VISION['patch_size']} px patches; batch {pixels.shape[0]}")
-    compare("CLIP vision forward+backward (penultimate layer)",
-            forward_backward(our_vision, lambda m: m(pixels, layer=-2).square().mean()),
-            forward_backward(hf_vision, lambda m: m(pixels, output_hidden_states=True).hidden_states[-2]
-                             .square().mean()))
+    compare("CLIP vision forward+backward (penultimate layer)", {
+        "ours": forward_backward(our_vision, lambda m: m(pixels, layer=-2).square().mean()),
+        "transformers": forward_backward(hf_vision, lambda m: m(pixels, output_hidden_states=True).hidden_states[-2]
+                                         .square().mean())})
 
 
 def bench_llava(directory):
@@ -118,25 +125,34 @@ def bench_llava(directory):
     our_labels = our_ids.masked_fill(torch.arange(our_ids.shape[1]) < 100, IGNORE_INDEX)  # answers at the end
     hf_labels = hf_ids.masked_fill(torch.arange(hf_ids.shape[1]) < 100 + num_image_tokens - 1, IGNORE_INDEX)
     pixels = torch.randn(batch, 3, VISION["image_size"], VISION["image_size"])
+    supervised = int((our_labels[:, 1:] != IGNORE_INDEX).sum())
     print(f"LLaVA: vision as above, LLM as above; batch {batch}, {num_image_tokens} image + {text_length} text "
-          f"tokens; stage 2 (vision frozen, W and LLM train, AdamW)")
+          f"tokens, {supervised} of {batch * (num_image_tokens + text_length)} supervised; stage 2 (vision frozen, W "
+          f"and LLM train, AdamW)")
 
     def train_step(model, loss_of):
+        """A step as train.py takes it: fused AdamW, the gradients freed after it (peak memory counts them)."""
         model.train()
         model.vision.requires_grad_(False) if model is ours else model.model.vision_tower.requires_grad_(False)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
 
         def step():
-            optimizer.zero_grad(set_to_none=True)
             loss_of(model).backward()
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return step
 
-    compare("stage-2 train step (forward+backward+AdamW)",
-            train_step(ours, lambda m: m(our_ids, pixels, our_labels)[1]),
-            train_step(hf, lambda m: m(input_ids=hf_ids, pixel_values=pixels, labels=hf_labels).loss))
+    # ours computes the output head where a label is kept only; "full logits" is the loss as it was before (and as
+    # transformers computes it): logits at every position, then masked
+    compare("stage-2 train step (forward+backward+AdamW)", {
+        "ours": train_step(ours, lambda m: m(our_ids, pixels, our_labels)[1]),
+        "ours with full logits": train_step(ours, lambda m: full_logits_loss(m, our_ids, pixels, our_labels)),
+        "transformers": train_step(hf, lambda m: m(input_ids=hf_ids, pixel_values=pixels, labels=hf_labels).loss)})
 
     bench_generation("realistic", ours, hf, our_ids[0, :40].tolist(), pixels[:1])
+    del hf
+    bench_roofline(ours, TinyLLaVA.from_pretrained(os.path.join(directory, "llava"), dtype=torch.bfloat16),
+                   our_ids[0, :40].tolist(), pixels[:1])
 
     # the shipped tiny default's proportions (bases/*/config.json), the model sample.py runs out of the box
     with open(os.path.join(BASES, "llama", "config.json")) as f:
@@ -153,6 +169,16 @@ def bench_llava(directory):
     tiny_text = torch.randint(5, tiny_image_token, (40,)).tolist()
     bench_generation("tiny default", tiny_ours, tiny, tiny_text[:8] + [IMAGE_TOKEN_INDEX] + tiny_text[8:],
                      torch.randn(1, 3, tiny_vision["image_size"], tiny_vision["image_size"]))
+
+
+def full_logits_loss(model, input_ids, pixel_values, labels):
+    """TinyLLaVA's loss as it was computed before issue 38, and as transformers computes it: the output head over every
+    position (image, prompt and padding included), then the cross-entropy masked to the supervised ones."""
+    embeds, labels, _ = model.embed(input_ids, pixel_values, labels)
+    logits = model.llm(inputs_embeds=embeds)  # (B, L, vocab)
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, L)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                             ignore_index=IGNORE_INDEX)
 
 
 def bench_generation(name, ours, hf, prompt, pixels, new_tokens=64):
@@ -173,8 +199,8 @@ def bench_generation(name, ours, hf, prompt, pixels, new_tokens=64):
     print(f"{name}: greedy generation, batch 1, {hf_prompt.shape[1]}-token prompt "
           f"({ours.num_image_tokens} image tokens), LLM hidden {ours.llm.config.hidden_size}, vocab "
           f"{ours.llm.config.vocab_size}")
-    whole, _ = compare(f"  {new_tokens} new tokens, whole call", call(ours, new_tokens), call(hf, new_tokens),
-                       unit="call")
+    whole, _ = compare(f"  {new_tokens} new tokens, whole call", {
+        "ours": call(ours, new_tokens), "transformers": call(hf, new_tokens)}, unit="call")["transformers"]
     times = {}
     for model in (ours, hf):
         call(model, 1)(), call(model, new_tokens + 1)()
@@ -190,6 +216,47 @@ def bench_generation(name, ours, hf, prompt, pixels, new_tokens=64):
           f"{1 / per_token['transformers']:.0f} tokens/s")
     print(f"  generation speed (tokens/s), ours over transformers: whole call {1 / whole:.2f}, decoding alone "
           f"{per_token['transformers'] / per_token['ours']:.2f}")
+
+
+def bench_roofline(ours, ours_bf16, prompt, pixels, new_tokens=64):
+    """Greedy decoding against the memory-bandwidth roofline, float32 and bf16 weights: each new token reads every
+    weight of the LLM once (the embeddings but one row), so tokens/s can at best be the bandwidth over those bytes.
+    The bandwidth: a plain read (sum) of a 512 MiB tensor, measured in the same rounds, interleaved."""
+    ours.eval(), ours_bf16.eval()
+    big = torch.ones(2 ** 27)
+
+    def read_bytes(model):
+        embeddings = model.llm.embed_tokens.weight
+        return sum(p.numel() * p.element_size() for p in model.llm.parameters()
+                   if p is not embeddings or model.llm.config.tie_word_embeddings)
+
+    def seconds(step):
+        start = time.perf_counter()
+        step()
+        return time.perf_counter() - start
+    models = {"float32": ours, "bf16": ours_bf16}
+    times, bandwidths = {}, []
+    for model in models.values():
+        model.generate([prompt], pixels.to(model.llm.embed_tokens.weight.dtype), max_new_tokens=2)  # warm-up
+    for _ in range(ROUNDS):
+        bandwidths.append(big.numel() * 4 / seconds(lambda: big.sum()))
+        for label, model in models.items():
+            images = pixels.to(model.llm.embed_tokens.weight.dtype)
+            for tokens in (1, new_tokens + 1):
+                times.setdefault((label, tokens), []).append(seconds(
+                    lambda: model.generate([prompt], images, max_new_tokens=tokens)))
+    bandwidth = statistics.median(bandwidths)
+    rates = {label: new_tokens / (statistics.median(times[label, new_tokens + 1]) - statistics.median(times[label, 1]))
+             for label in models}
+    print(f"  roofline: a plain read of 512 MiB at {bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} threads")
+    for label, model in models.items():
+        roofline = bandwidth / read_bytes(model)
+        print(f"  decoding, {label} weights: {rates[label]:.1f} tokens/s, {read_bytes(model) / 1e6:.0f} MB read per "
+              f"token, roofline {roofline:.1f} tokens/s: {rates[label] / roofline:.2f} of it")
+    with open("/proc/cpuinfo") as f:
+        bf16_instructions = "avx512_bf16" in f.read()
+    print(f"  bf16 over float32 tokens/s: {rates['bf16'] / rates['float32']:.2f} (this CPU "
+          f"{'has' if bf16_instructions else 'lacks'} AVX512-bf16)")
 
 
 def bench_train(directory):
@@ -242,7 +309,7 @@ def bench_train_shape(directory, name, llama, vision, batch, text_length):
     config = train.TrainConfig(stage=2, vision_path=paths[0], llm_path=paths[1], template="vicuna_v1",
                                learning_rate=2e-5)
     model = train.build_model(config, train.Runtime())
-    optimizer = train.make_optimizer(model, config, train.Runtime())
+    optimizer = train.make_optimizer(model, config)
     micro_batch = random_micro_batch(batch, text_length, llama["vocab_size"], vision["image_size"])
     lengths = train.sequence_lengths(micro_batch, model.num_image_tokens)
     flops = progress.step_flops(model, lengths, batch)
@@ -276,6 +343,88 @@ def bench_train_shape(directory, name, llama, vision, batch, text_length):
         print(line)
 
 
+def llava_665k_like_lengths(count, image_tokens, rng):
+    """(tokens in the model, words) of `count` samples of a LLaVA-665K-like mix, assumed (not read from the file): 40%
+    short image samples, the image + 20-60 words (LLaVA-Pretrain-like captions and 665K's one-word VQA turns); 54% image
+    conversations, the image + log-normal text (median 250 tokens, to 2,048 in all); 6% text-only conversations,
+    log-normal (median 600, to 2,048). 1.3 tokens a word. Words are what group_by_modality_length sorts by (LLaVA's
+    modality lengths: negative for text-only samples)."""
+    tokens, words = [], []
+    for kind in rng.choice(3, size=count, p=[0.40, 0.54, 0.06]):
+        text = int(rng.integers(20, 61) * 1.3) if kind == 0 else int(rng.lognormal(math.log((250, 600)[kind - 1]), 0.9))
+        text = max(16, min(text, 2048 - (image_tokens if kind < 2 else 0)))
+        tokens.append(text + (image_tokens if kind < 2 else 0))
+        words.append(max(1, int(text / 1.3)) * (1 if kind < 2 else -1))
+    return tokens, words
+
+
+def bench_pack(directory):
+    """
+    train.py's step on padded micro-batches against the same micro-batches packed (--pack: one row, each sample to
+    itself), at the realistic shape, on a LLaVA-665K-like mix of lengths (llava_665k_like_lengths): an epoch of 2,000
+    samples in micro-batches of 8, in group_by_modality_length's order and in the exact (shuffled) order; the first
+    3 micro-batches of each, each padded and packed, interleaved. Useful tokens: the samples' own (no padding).
+    """
+    import numpy as np
+    import train
+    from data import Collator, ModalityLengthGroupedSampler
+    torch.manual_seed(0)
+    paths = os.path.join(directory, "vision"), os.path.join(directory, "llama")
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)).save_pretrained(paths[0])
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).save_pretrained(paths[1])
+    config = train.TrainConfig(stage=2, vision_path=paths[0], llm_path=paths[1], template="vicuna_v1",
+                               learning_rate=2e-5, batch_size=8, global_batch_size=8)
+    model = train.build_model(config, train.Runtime())
+    optimizer = train.make_optimizer(model, config)
+    image_tokens, rng = model.num_image_tokens, np.random.default_rng(0)
+    tokens, words = llava_665k_like_lengths(2000, image_tokens, rng)
+    orders = {"group_by_modality_length": list(ModalityLengthGroupedSampler(words, config.batch_size)),
+              "exact order": [step[0] for step in train.epoch_plan(words, config, 0, 1, train.Runtime())]}
+    fills = {order: sum(tokens[i] for b in batches for i in b) / sum(len(b) * max(tokens[i] for i in b)
+                                                                     for b in batches)
+             for order, batches in orders.items()}
+    print(f"realistic shape ({image_tokens} image tokens); LLaVA-665K-like lengths: mean {np.mean(tokens):.0f}, median "
+          f"{np.median(tokens):.0f}, 99th percentile {np.percentile(tokens, 99):.0f}, longest {max(tokens)} tokens; "
+          f"micro-batches of {config.batch_size}; {torch.get_num_threads()} threads")
+    print("  useful share of the padded tokens over the epoch: " + ", ".join(
+        f"{order} {fill:.3f}" for order, fill in fills.items()))
+
+    def sample(index):
+        """Random text of the sample's length, the image after 8 tokens, the loss on the second half of the text."""
+        text = tokens[index] - (image_tokens if words[index] > 0 else 0)
+        ids = torch.randint(3, LLAMA["vocab_size"], (text,))
+        labels = ids.masked_fill(torch.arange(text) < text // 2, IGNORE_INDEX)
+        if words[index] > 0:
+            ids = torch.cat([ids[:8], torch.tensor([IMAGE_TOKEN_INDEX]), ids[8:]])
+            labels = torch.cat([labels[:8], torch.tensor([IGNORE_INDEX]), labels[8:]])
+        pixels = torch.randn(3, VISION["image_size"], VISION["image_size"]) if words[index] > 0 else None
+        return dict(id=str(index), input_ids=ids, labels=labels, pixel_values=pixels)
+    steps, useful = {}, {}
+    for order, batches in orders.items():
+        for pack in (False, True):
+            collated = [Collator(0, 2048, image_tokens, pack)([sample(i) for i in b]) for b in batches[:3]]
+            useful[order, pack] = [sum(train.sequence_lengths(batch, image_tokens)) for batch in collated]
+            steps[order, pack] = [lambda batch=batch: train.train_step(model, optimizer, [batch], 2e-5,
+                                                                       train.Runtime()) for batch in collated]
+    print_pack(steps, useful, orders)
+
+
+def print_pack(steps, useful, orders):
+    """bench_pack's rounds, interleaved, and its lines: useful tokens/s padded and packed, per order, and the ratios."""
+    for key in steps:
+        steps[key][0]()  # warm-up
+    seconds = {key: [] for key in steps}
+    for k in range(3):
+        for key in steps:
+            seconds[key].append(measure(steps[key][k])[0])
+    rate = {key: sum(useful[key]) / sum(seconds[key]) for key in steps}
+    for order in orders:
+        print(f"  {order}: useful tokens/s padded {rate[order, False]:.0f}, packed {rate[order, True]:.0f}, ratio "
+              f"{rate[order, True] / rate[order, False]:.2f}")
+    print(f"  packed in the exact order over padded with group_by_modality_length: "
+          f"{rate['exact order', True] / rate['group_by_modality_length', False]:.2f}")
+
+
 def bench_lora(directory):
     """
     train.py's stage-2 step with LoRA (LLaVA-1.5's finetune_lora.sh: r 128, alpha 256, dropout 0.05, adapters on every
@@ -305,7 +454,7 @@ def bench_lora(directory):
         for dtype in ((None, torch.bfloat16) if name == "LoRA" else (None,)):
             runtime = train.Runtime(autocast_dtype=dtype)
             models[name, dtype] = train.build_model(config, runtime)
-            optimizers[name, dtype] = train.make_optimizer(models[name, dtype], config, runtime)
+            optimizers[name, dtype] = train.make_optimizer(models[name, dtype], config)
     batch, text_length = 2, 256
     micro_batch = random_micro_batch(batch, text_length, LLAMA["vocab_size"], VISION["image_size"])
     lengths = train.sequence_lengths(micro_batch, models["full", None].num_image_tokens)
@@ -364,7 +513,8 @@ if __name__ == "__main__":
     torch.set_num_threads(int(os.environ.get("THREADS", 2)))
     transformers.logging.set_verbosity_error()
     which = sys.argv[1] if len(sys.argv) > 1 else ""
-    benches = {"models": bench_models, "llava": bench_llava, "train": bench_train, "lora": bench_lora}
+    benches = {"models": bench_models, "llava": bench_llava, "train": bench_train, "pack": bench_pack,
+               "lora": bench_lora}
     if which not in benches:
         sys.exit(f"usage: python bench.py {{{','.join(benches)}}}")
     with tempfile.TemporaryDirectory() as directory, torch.inference_mode(False):

@@ -26,7 +26,8 @@ INIT_FIELDS = ("vision_path", "llm_path", "projector", "vision_feature_layer", "
 # may differ on --resume without changing which steps are taken (beyond float rounding)
 RESUMABLE_CHANGES = {"resume", "overwrite", "out_dir", "log_interval", "eval_interval", "eval_samples",
                      "eval_questions", "checkpoint_interval", "stop_at_step", "batch_size", "device", "dtype",
-                     "compile", "gradient_checkpointing", "fsdp", "num_workers", "pin_memory", "threads", "peak_flops"}
+                     "compile", "gradient_checkpointing", "fsdp", "num_workers", "pin_memory", "threads", "peak_flops",
+                     "pack"}
 
 
 def save(run):

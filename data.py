@@ -469,10 +469,13 @@ class Collator:
     """Dataset items -> a right-padded batch. The length limit counts the num_image_tokens each placeholder becomes in
     the model; text is truncated from the end, a sample whose image would be cut is dropped, and so is one left with no
     supervised token. Dropped samples and dataset errors are listed in batch["skipped"]. An empty batch has (0, 0)
-    tensors. pixel_values holds the batch's images in order, one per placeholder (None when there is none)."""
+    tensors. pixel_values holds the batch's images in order, one per placeholder (None when there is none).
+    pack=True: the samples are laid end to end in one row instead, no padding, and batch["samples"] lists their
+    lengths (the model keeps each to itself: TinyLLaVA.forward's samples)."""
 
-    def __init__(self, pad_token_id, max_length, num_image_tokens):
+    def __init__(self, pad_token_id, max_length, num_image_tokens, pack=False):
         self.pad_token_id, self.max_length, self.num_image_tokens = pad_token_id, max_length, num_image_tokens
+        self.pack = pack
 
     def __call__(self, items):
         kept, skipped = [], []
@@ -490,19 +493,26 @@ class Collator:
                 skipped.append(f"sample {item['id']}: dropped, no answer token within max_length {self.max_length}")
             else:
                 kept.append((item, input_ids[:keep], labels[:keep]))
-        longest = max((len(input_ids) for _, input_ids, _ in kept), default=0)
-        batch_input_ids = torch.full((len(kept), longest), self.pad_token_id, dtype=torch.long)  # (B, T)
-        batch_labels = torch.full((len(kept), longest), IGNORE_INDEX, dtype=torch.long)  # (B, T)
-        attention_mask = torch.zeros(len(kept), longest, dtype=torch.bool)  # (B, T)
-        for row, (_, input_ids, labels) in enumerate(kept):
+        rows = [(input_ids, labels) for _, input_ids, labels in kept]
+        if self.pack and rows:
+            # one row; a sample's last position predicts the next one's BOS, whose label is IGNORE_INDEX (_encode)
+            rows = [tuple(torch.cat(parts) for parts in zip(*rows))]
+        longest = max((len(input_ids) for input_ids, _ in rows), default=0)
+        batch_input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)  # (B, T)
+        batch_labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros(len(rows), longest, dtype=torch.bool)  # (B, T)
+        for row, (input_ids, labels) in enumerate(rows):
             batch_input_ids[row, :len(input_ids)], batch_labels[row, :len(labels)] = input_ids, labels
             attention_mask[row, :len(input_ids)] = True
         images = [item["pixel_values"] for item, _, _ in kept if item["pixel_values"] is not None]
         n_placeholders = int((batch_input_ids == IMAGE_TOKEN_INDEX).sum())
         assert n_placeholders == len(images), f"{n_placeholders} image placeholders but {len(images)} images"
-        return dict(input_ids=batch_input_ids, labels=batch_labels, attention_mask=attention_mask,
-                    pixel_values=torch.stack(images) if images else None,  # (N_images, 3, S, S)
-                    ids=[item["id"] for item, _, _ in kept], skipped=skipped)
+        batch = dict(input_ids=batch_input_ids, labels=batch_labels, attention_mask=attention_mask,
+                     pixel_values=torch.stack(images) if images else None,  # (N_images, 3, S, S)
+                     ids=[item["id"] for item, _, _ in kept], skipped=skipped)
+        if self.pack:
+            batch["samples"] = [len(input_ids) for _, input_ids, _ in kept]
+        return batch
 
 
 class ModalityLengthGroupedSampler:

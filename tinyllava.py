@@ -8,7 +8,7 @@ tinyllava: the LLaVA model, the paper's Figure 1 in a few lines.
 
     from tinyllava import TinyLLaVA
     model = TinyLLaVA.from_pretrained("out/stage2/ckpt.pt")          # one of ours, or an HF LLaVA directory
-    logits, loss = model(input_ids, pixel_values, labels)
+    logits, loss = model(input_ids, pixel_values, labels)            # logits where labels are kept
     model.add_lora(r=128, alpha=256, dropout=0.05)                   # LoRA: the LLM frozen, adapters train
     model.merge_lora()                                               # the adapters folded into the LLM's weights
 
@@ -176,20 +176,30 @@ class TinyLLaVA(nn.Module):
             spliced_labels[rows, start[rows, cols]] = labels[rows, cols]
         return embeds, spliced_labels, end[:, -1]
 
-    def forward(self, input_ids, pixel_values=None, labels=None):
+    def forward(self, input_ids, pixel_values=None, labels=None, samples=None):
         """
         input_ids (B, T) right-padded with one placeholder per image, pixel_values (N, 3, S, S), labels (B, T) with
-        IGNORE_INDEX on everything but answer tokens -> logits (B, L, vocab) over the spliced sequence, and the mean
-        cross-entropy over supervised tokens (None without labels).
+        IGNORE_INDEX on everything but answer tokens -> (logits, loss). Without labels: logits (B, L, vocab) over the
+        spliced sequence, loss None. With labels: the mean cross-entropy over supervised tokens, and the logits
+        (N_supervised, vocab) of the positions predicting them, in order: the output head runs nowhere else.
+        samples: packing: input_ids is one row (B = 1) of samples of these lengths laid end to end, each computed as
+        if alone (its own positions, attention within itself).
         """
         embeds, labels, _ = self.embed(input_ids, pixel_values, labels)
-        logits = self.llm(inputs_embeds=embeds)  # right padding needs no mask: causal attention never looks ahead
+        if samples is not None:  # lengths in the spliced row: each image placeholder became num_image_tokens
+            ends = torch.tensor(samples, device=input_ids.device).cumsum(0) - 1  # each sample's last token
+            images = (input_ids[0] == IMAGE_TOKEN_INDEX).long().cumsum(0)[ends]  # images up to it
+            images = torch.diff(images, prepend=images.new_zeros(1))  # (N_samples,) images in each sample
+            samples = [n + (self.num_image_tokens - 1) * k for n, k in zip(samples, images.tolist())]
+        hidden = self.llm.hidden_states(inputs_embeds=embeds, samples=samples)  # (B, L, D); right padding: no mask
         if labels is None:
-            return logits, None
-        # position t predicts token t + 1: the one place the labels are shifted (the labels, not the logits, so the
-        # (B, L, vocab) logits are never copied)
+            return self.llm.head(hidden), None
+        # position t predicts token t + 1: the one place the labels are shifted (the labels, not the hidden states)
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, L): the last position predicts nothing
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        supervised = targets != IGNORE_INDEX  # (B, L): the answers' positions; the image, prompt and padding not
+        # logits only where the loss reads them: at a 32,000-word vocabulary a 2,048-token row's are 262 MB of float32
+        logits = self.llm.head(hidden[supervised])  # (N_supervised, vocab)
+        loss = F.cross_entropy(logits.float(), targets[supervised])  # -mean log p(x_i | ...), paper Eq. 3
         return logits, loss
 
     @torch.inference_mode()

@@ -482,6 +482,26 @@ def test_collator_pads_right_masks_and_stacks_images_in_order():
     assert Collator(3, 1000, 5)([item("b", SINGLE, tokenizer, image=False)])["pixel_values"] is None
 
 
+def test_packing_collator_lays_the_kept_samples_end_to_end_in_one_row_with_their_lengths():
+    tokenizer = TOKENIZERS["byte_level"]
+    items = [item("a", MULTI, tokenizer), item("b", SINGLE, tokenizer, image=False), item("c", SINGLE, tokenizer),
+             dict(id="d", error="sample d: cannot load image")]
+    long_one = item("e", MULTI * 4, tokenizer)  # longer than max_length once its image counts: cut from the end
+    max_length = len(items[0]["input_ids"]) + 30
+    assert len(long_one["input_ids"]) > max_length
+    batch = Collator(pad_token_id=3, max_length=max_length, num_image_tokens=5, pack=True)(items + [long_one])
+    kept = [i["input_ids"] for i in items[:3]] + [long_one["input_ids"][:max_length - 4]]
+    assert batch["samples"] == [len(ids) for ids in kept] and batch["ids"] == ["a", "b", "c", "e"]
+    assert batch["input_ids"].tolist() == [torch.cat(kept).tolist()] and batch["attention_mask"].all()
+    assert batch["labels"].tolist() == [torch.cat([i["labels"] for i in items[:3]]
+                                                  + [long_one["labels"][:max_length - 4]]).tolist()]
+    assert torch.equal(batch["pixel_values"], torch.stack([items[k]["pixel_values"] for k in (0, 2)]
+                                                          + [long_one["pixel_values"]]))
+    assert batch["skipped"] == ["sample d: cannot load image"]
+    empty = Collator(3, 1000, 5, pack=True)([items[3]])
+    assert empty["input_ids"].shape == (0, 0) and empty["samples"] == []
+
+
 @pytest.mark.parametrize("name", ["llama2", "byte_level"])
 @pytest.mark.parametrize("image_first", [True, False])
 def test_truncation_counts_image_tokens_keeps_labels_exact_and_never_cuts_an_image(name, image_first):

@@ -285,3 +285,41 @@ def test_gradient_checkpointing_recomputes_each_block_and_gives_the_same_gradien
     for (name, _), a, b in zip(model.named_parameters(), plain, checkpointed):
         assert a.abs().max() >= 1e-2, f"{name}: gradient {a.abs().max():.1e} too small to tell anything apart"
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def causal_attention_by_hand(q, k, v):
+    """softmax(q k^T / sqrt(d) + causal mask) v for q (heads, T, d), k and v (kv_heads, T, d): query head j reads kv
+    head j // (heads / kv_heads)."""
+    groups = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
+    scores = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def test_packed_attention_hands_flash_varlen_each_sample_as_a_sequence_of_its_own(monkeypatch):
+    """The CUDA path of a packed row (run here on the CPU with a stand-in kernel that computes what varlen_attn's
+    documentation says it computes): the row becomes (T, heads, head_dim) with cumulative sample ends, and each
+    sample's output is its own causal attention, computed by hand."""
+    from torch.nn.attention import varlen
+    samples = [3, 5, 1, 4]
+    calls = []
+
+    def documented_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, window_size, enable_gqa):
+        calls.append((cu_seq_q.tolist(), cu_seq_q.dtype, max_q, max_k, window_size, enable_gqa))
+        ends = cu_seq_q.tolist()
+        pieces = [causal_attention_by_hand(*(t[a:b].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+                  for a, b in zip(ends, ends[1:])]  # each (length, heads, head_dim)
+        return torch.cat(pieces)
+    monkeypatch.setattr(varlen, "varlen_attn", documented_varlen_attn)
+    monkeypatch.setattr(llama, "flash_varlen_runs", lambda q: True)
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, sum(samples), 8, generator=generator)
+    k, v = (torch.randn(1, 2, sum(samples), 8, generator=generator) for _ in range(2))
+    y = llama.packed_attention(q, k, v, samples, gqa=True)
+    assert calls == [([0, 3, 8, 9, 13], torch.int32, 5, 5, (-1, 0), True)]
+    start = 0
+    for n in samples:
+        expected = causal_attention_by_hand(q[0, :, start:start + n], k[0, :, start:start + n], v[0, :, start:start + n])
+        torch.testing.assert_close(y[0, :, start:start + n], expected)
+        start += n

@@ -208,12 +208,15 @@ def test_loss_covers_answer_tokens_only_hand_computed(tmp_path):
     labels[0, 5:8] = input_ids[0, 5:8]
     labels[1, 2:4] = input_ids[1, 2:4]
     with torch.no_grad():
-        logits, loss = model(input_ids, pixel_values=pixels(1), labels=labels)
+        supervised_logits, loss = model(input_ids, pixel_values=pixels(1), labels=labels)
+        logits, _ = model(input_ids, pixel_values=pixels(1))  # every position's
     n = NUM_PATCHES
     # row 0 spliced: bos q q [n image tokens] q a a eos: answer tokens at 4+n, 5+n, 6+n, predicted one step earlier
     targets = [(0, 3 + n, 20), (0, 4 + n, 21), (0, 5 + n, 2), (1, 1, 22), (1, 2, 2)]
     expected = torch.stack([-logits[b, p].log_softmax(-1)[t] for b, p, t in targets]).mean()
     assert abs(loss.item() - expected.item()) < 1e-6
+    # with labels, the output head ran at those positions only, in order
+    torch.testing.assert_close(supervised_logits, torch.stack([logits[b, p] for b, p, _ in targets]))
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -385,7 +388,7 @@ def test_stage2_training_step_under_bf16_autocast_gives_transformers_loss_and_gr
     ours.set_stage(2)
     ours.train()
     trained = [(name, p) for name, p in ours.named_parameters() if p.requires_grad]
-    optimizer = train.make_optimizer(ours, train.TrainConfig(learning_rate=1e-3), train.Runtime())
+    optimizer = train.make_optimizer(ours, train.TrainConfig(learning_rate=1e-3))
     norms, step = [], optimizer.step
 
     def recording_step(*args, **kwargs):  # each trained tensor's gradient norm, as train_step leaves it
@@ -421,3 +424,61 @@ def test_stage2_training_step_under_bf16_autocast_gives_transformers_loss_and_gr
     # value, so they may differ by twice that error (triangle inequality). Relative, so that every norm weighs alike.
     assert_bf16_parity(mine[1:] / float32[1:], bf16[1:] / float32[1:], float32[1:] / float32[1:],
                        "gradient norms (the whole and each tensor's)", multiple=2)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_stage2_loss_and_gradients_equal_transformers_full_logits_loss_in_float32(tmp_path, packed):
+    """Our loss computes the output head only where a label is kept; transformers' LLaVA computes the logits of every
+    position and masks them in the loss. Same weights and batch: the same loss and the same gradient of every trained
+    tensor, to float32 rounding. Packed: our batch is one row of the three samples end to end (train.py --pack),
+    transformers' the right-padded rows."""
+    theirs, path = make_hf_llava(tmp_path, seed=16)
+    prompts = [TWO_IMAGES + [40, 41, 2], PROMPTS[0] + [42, 2], PROMPTS[2] + [43, 44, 45, 2]]
+    input_ids, expanded, _ = right_padded(prompts)
+    labels, expanded_labels = torch.full_like(input_ids, IGNORE_INDEX), torch.full_like(expanded, IGNORE_INDEX)
+    for row, (prompt, answer) in enumerate(zip(prompts, (3, 2, 4))):  # the answer: the last tokens of each row
+        labels[row, len(prompt) - answer:len(prompt)] = torch.tensor(prompt[-answer:])
+        end = len(expand(prompt))
+        expanded_labels[row, end - answer:end] = torch.tensor(prompt[-answer:])
+    samples = None
+    if packed:
+        samples = [len(prompt) for prompt in prompts]
+        input_ids, labels = (torch.cat([t[row, :n] for row, n in enumerate(samples)])[None] for t in (input_ids, labels))
+    images = pixels(3, seed=17)
+    ours = TinyLLaVA.from_pretrained(path)
+    ours.set_stage(2)
+    ours.train()
+    _, loss = ours(input_ids, images, labels, samples)
+    loss.backward()
+    theirs.train()
+    theirs.model.vision_tower.requires_grad_(False)
+    expected = theirs(input_ids=expanded, pixel_values=images, labels=expanded_labels).loss
+    expected.backward()
+    assert abs(loss.item() - expected.item()) <= 1e-6 * expected.item(), (loss.item(), expected.item())
+    names = ours.hf_key_map(vision_prefix="model.vision_tower.", projector_prefix="model.multi_modal_projector.",
+                            llm_prefix="model.language_model.", lm_head="lm_head.weight")
+    parameters = dict(theirs.named_parameters())
+    trained = [(name, p) for name, p in ours.named_parameters() if p.requires_grad]
+    assert len(trained) == 4 + 3 + 6 * TINY_LLAMA["num_hidden_layers"]  # W; embeddings, norm, head; the blocks
+    for name, p in trained:  # our fused q/k/v and gate/up tensors are theirs stacked
+        their_gradient = torch.cat([parameters[n].grad for n, _ in names[name]]) if isinstance(names[name], list) \
+            else parameters[names[name]].grad
+        assert p.grad.abs().max() > 1e-3, f"{name}: gradient too small to test"
+        torch.testing.assert_close(p.grad, their_gradient, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_a_packed_row_gives_each_sample_its_logits_alone_in_transformers(tmp_path):
+    """One row of three samples end to end (two images, one, none): each sample's logits are transformers' for it
+    alone, so no sample sees another and each counts its positions from 0."""
+    theirs, path = make_hf_llava(tmp_path, seed=18)
+    ours = TinyLLaVA.from_pretrained(path).eval()
+    prompts = [PROMPTS[2], TWO_IMAGES, PROMPTS[0]]
+    images = pixels(3, seed=19)
+    with torch.no_grad():
+        logits, _ = ours(torch.tensor([sum(prompts, [])]), images, samples=[len(p) for p in prompts])
+        expected = [theirs(input_ids=torch.tensor([expand(PROMPTS[2])])).logits[0],
+                    theirs(input_ids=torch.tensor([expand(TWO_IMAGES)]), pixel_values=images[:2]).logits[0],
+                    theirs(input_ids=torch.tensor([expand(PROMPTS[0])]), pixel_values=images[2:]).logits[0]]
+    assert logits.shape[:2] == (1, sum(map(len, expected)))
+    for each, alone in zip(logits[0].split([len(e) for e in expected]), expected):
+        torch.testing.assert_close(each, alone, atol=1e-5, rtol=0)

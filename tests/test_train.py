@@ -200,7 +200,8 @@ def torchrun(argv, processes=2):
 def test_two_processes_under_torchrun_take_the_same_steps_as_one(tiny, tmp_path, sharding):
     """gloo on CPU: 2 processes x micro-batch 2 against 1 process x 2 micro-batches of 2, same global batch of 4.
     The images of process 0's first micro-batch are unreadable: it runs the empty-batch stand-in while process 1
-    trains, and the step must still be the one process's."""
+    trains, and the step must still be the one process's. The two processes pack their micro-batches (--pack, the
+    default), the one process pads them."""
     records = [r for r in json.loads((tiny["world"] / "small_stage2.json").read_text()) if "image" in r]
     shutil.copytree(tiny["world"] / "images", tmp_path / "images")
     config = train.TrainConfig(global_batch_size=4, batch_size=2)
@@ -209,7 +210,7 @@ def test_two_processes_under_torchrun_take_the_same_steps_as_one(tiny, tmp_path,
     (tmp_path / "data.json").write_text(json.dumps(records))
     common = dict(max_steps=3, eval_interval=2, eval_samples=3, data_path=tmp_path / "data.json",
                   max_bad_fraction=0.6)
-    train.main(flags(tiny, tmp_path / "one", **common))
+    train.main(flags(tiny, tmp_path / "one", **common, pack=False))
     printed = torchrun(flags(tiny, tmp_path / "two", **common, fsdp=sharding == "fsdp"))
     assert "2 process(es)" in printed and printed.count("step 3/3 | epoch") == 1  # rank 0 alone prints
     assert "skipped: sample" in printed
@@ -226,9 +227,10 @@ def test_two_processes_under_torchrun_take_the_same_steps_as_one(tiny, tmp_path,
 
 @pytest.fixture(scope="module")
 def six_steps(tiny, tmp_path_factory):
-    """An uninterrupted run of 6 steps (2 epochs of 3) in one process, micro-batches of 2: how resumed runs end."""
+    """An uninterrupted run of 6 steps (2 epochs of 3) in one process, micro-batches of 2, padded (--pack false): how
+    resumed runs end."""
     out_dir = tmp_path_factory.mktemp("uninterrupted")
-    train.main(flags(tiny, out_dir, max_steps=6))
+    train.main(flags(tiny, out_dir, max_steps=6, pack=False))
     return out_dir
 
 
@@ -239,7 +241,7 @@ def test_run_resumed_across_process_counts_batch_sizes_and_sharding_ends_as_an_u
     """Steps 1-2 in one process with micro-batches of 2; 3-4 under torchrun in 2 processes (DDP or FSDP) with
     micro-batches of 1, crossing the epoch boundary; 5-6 in one process again with one micro-batch of 4. FSDP reloads
     optimizer state written without it, and writes state read without it."""
-    train.main(flags(tiny, tmp_path, max_steps=6, stop_at_step=2))
+    train.main(flags(tiny, tmp_path, max_steps=6, stop_at_step=2, pack=False))  # as six_steps; --resume keeps it
     printed = torchrun(flags(tiny, tmp_path, max_steps=6, resume=True, stop_at_step=4, batch_size=1,
                              fsdp=sharding == "fsdp"))
     assert "resuming after step 2" in printed and "global batch 4 = 1 x 2 process(es) x 2 accumulated" in printed
@@ -251,6 +253,22 @@ def test_run_resumed_across_process_counts_batch_sizes_and_sharding_ends_as_an_u
         torch.testing.assert_close(resumed["model"][name], whole["model"][name], atol=2e-6, rtol=1e-4, msg=name)
     assert_same_optimizer_state(resumed, whole, steps=6, rtol=1e-4)
     assert [r["step"] for r in train_log(tmp_path)] == [1, 2, 3, 4, 5, 6]  # each step of the three parts, once
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in train_log(tmp_path)] == pytest.approx([r[key] for r in train_log(six_steps)], rel=1e-5)
+
+
+def test_packed_run_stopped_and_resumed_with_other_micro_batches_ends_as_the_padded_uninterrupted_one(
+        tiny, tmp_path, six_steps):
+    """--pack: each micro-batch one row of its samples end to end. Steps 1-3 in one micro-batch of 4, then resumed,
+    4-6 in micro-batches of 2 whose token counts differ: the losses, gradient norms and weights of the padded run in
+    micro-batches of 2 (six_steps), to float rounding (the global batch's token weighting is the same)."""
+    train.main(flags(tiny, tmp_path, max_steps=6, stop_at_step=3, batch_size=4))  # --pack: the default
+    train.main(flags(tiny, tmp_path, max_steps=6, resume=True, batch_size=2))
+    packed, padded = checkpoint(tmp_path), checkpoint(six_steps)
+    assert packed["step"] == 6 and packed["train_config"]["pack"] and not padded["train_config"]["pack"]
+    for name in padded["model"]:  # AdamW amplifies the rounding of near-zero gradients: see the test above
+        torch.testing.assert_close(packed["model"][name], padded["model"][name], atol=1e-4, rtol=1e-4, msg=name)
+    assert [r["step"] for r in train_log(tmp_path)] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in train_log(tmp_path)] == pytest.approx([r[key] for r in train_log(six_steps)], rel=1e-5)
 
@@ -576,7 +594,7 @@ def test_weight_decay_spares_biases_and_norm_weights(tiny):
     config = train.TrainConfig(stage=2, vision_path=tiny["vision"], llm_path=tiny["llm"], learning_rate=1e-3,
                                weight_decay=0.1, template="vicuna_v1")
     model = train.build_model(config, train.Runtime())
-    decayed, spared = train.make_optimizer(model, config, train.Runtime()).param_groups
+    decayed, spared = train.make_optimizer(model, config).param_groups
     names = {id(p): name for name, p in model.named_parameters()}
     assert decayed["weight_decay"] == 0.1 and spared["weight_decay"] == 0.0
     assert {names[id(p)] for p in spared["params"]} == {
