@@ -1,7 +1,7 @@
 """Every command of README.md and docs/*.md runs as written, in a copy of the repository, after the two commands.
 
 A ```bash block runs here: each is run whole by bash -e, in order, README.md first, then docs/evaluation.md,
-docs/lora.md, docs/bases.md and docs/plus.md; then the page's ```python blocks, by python. A ```shell block needs what this machine lacks (downloads, GPUs) and is only read.
+docs/lora.md, docs/plus.md and docs/bases.md; then the page's ```python blocks, by python. A ```shell block needs what this machine lacks (downloads, GPUs) and is only read.
 Training is shortened, nothing else is changed: `python train.py` gets --max_steps 2 and small batches appended, and
 `python make_bases.py` a few steps of each phase (the flags given last win). `pip install` is .ci/run's, and
 `python -m pytest` is this very test suite: both are skipped. The files the README asks the reader to write
@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAGES = ["README.md", "docs/evaluation.md", "docs/lora.md", "docs/bases.md", "docs/plus.md"]
+PAGES = ["README.md", "docs/evaluation.md", "docs/lora.md", "docs/plus.md", "docs/bases.md"]  # bases.md remakes the
+# bases, which the models trained before it no longer fit (train.py refuses them): it comes last
 SHORTER = f"""
 set -e
 pip() {{ echo "(pip install: .ci/run installs)"; }}
