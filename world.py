@@ -403,7 +403,7 @@ def bigger_question(scene, a, b):
     elif SIZES[a.size] < SIZES[b.size]:
         answer, short = f"no, {name_a} is smaller than {name_b}.", "no"
     else:
-        answer, short = f"no, they are the same size.", "no"
+        answer, short = "no, they are the same size.", "no"
     return QA(f"Is {name_a} bigger than {name_b}?", facts + answer, short)
 
 
