@@ -464,21 +464,29 @@ def plus_eval(config):
             key, row = keys[q["question_id"]], tally[q["category"]]
             row["n"] += 1
             row["right call"] += same_call(first, key["action"], image)
-            row["right answer"] += final is not None and world.exact_match(plus.parse_turn(final)[2], key["answer"])
+            row["right answer"] += final is not None and world.exact_match(read_reply(final)[1], key["answer"])
         print(f"tool questions: {min(start + config.batch_size, len(questions))}/{len(questions)}", file=sys.stderr)
     tally["overall"] = sum(tally.values(), Counter())
     print(f"{'task':<10} {'n':>5} {'right call':>11} {'right answer':>13}")
     for task, row in tally.items():
         print(f"{task:<10} {row['n']:>5} {row['right call'] / row['n']:>11.4f} {row['right answer'] / row['n']:>13.4f}")
     items = world.eval_items(directory, config.limit)
-    firsts = [plus.parse_turn(text) for batch in ask.answer_batches(
+    firsts = [read_reply(text) for batch in ask.answer_batches(
         model, tokenizer, [item["question"] for item in items],
         [load_image(os.path.join(directory, item["image"])) for item in items], config.batch_size,
         config.max_new_tokens) for text in batch]
-    no_tool = sum(not actions for _, actions, _ in firsts)
-    right = sum(world.exact_match(value, item["answer"]) for (_, _, value), item in zip(firsts, items))
+    no_tool = sum(not actions for actions, _ in firsts)  # a malformed call runs no tool either
+    right = sum(world.exact_match(value, item["answer"]) for (_, value), item in zip(firsts, items))
     print(f"ordinary questions: {no_tool / len(items):.4f} answered without a tool, {right / len(items):.4f} right "
           f"({len(items)} of eval.json)")
+
+
+def read_reply(text):
+    """(the actions, the value) of a reply; a reply whose actions do not parse has ([], '') and is wrong."""
+    try:
+        return plus.parse_turn(text)[1:]
+    except plus.ToolError:
+        return [], ""
 
 
 def tool_dialogues(model, tokenizer, questions, images, max_new_tokens):

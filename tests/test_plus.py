@@ -209,6 +209,11 @@ def test_evaluate_plus_scores_a_model_that_replies_as_the_teacher_and_one_that_n
     script = {}  # what is left to ask, in the order evaluate.py asks: the tool questions, then the ordinary ones
 
     def replies(model, tokenizer, prompts, pixel_values=None, max_new_tokens=256, culprit=""):
+        if script["teacher"] == "garbled":  # actions that do not parse: no tool runs, nothing is right
+            if not script["keys"]:
+                script["items"] = script["items"][len(prompts):]
+            script["keys"] = script["keys"][len(prompts):]
+            return ['"thoughts🤔" t\n"actions🚀" [}\n"value👉" v\n'] * len(prompts)
         if "model outputs" in tokenizer.decode([t for t in prompts[0] if t >= 0]):  # the batch's second turns
             turns = [{"thoughts": "t", "actions": [], "value": key["answer"]} for key in script["batch"]]
         elif script["keys"]:
@@ -225,13 +230,14 @@ def test_evaluate_plus_scores_a_model_that_replies_as_the_teacher_and_one_that_n
     monkeypatch.setattr(ask, "to_pixels", lambda model, images: None)
     monkeypatch.setattr(ask, "find_model", lambda config: "stub")
     monkeypatch.setattr(ask, "refuse_captioner", lambda *args: None)
-    for teaches, expected in ((True, "1.0000"), (False, "0.0000")):
+    for teaches, expected in ((True, "1.0000"), (False, "0.0000"), ("garbled", "0.0000")):
         script.update(keys=keys, items=items, teacher=teaches)
         evaluate.main(["--plus", "--world", str(directory)])
         table = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
         assert set(table) >= {"box", "area", "recolor", "remove", "overall"}
         assert table["overall"][1:] == [expected, expected]
-        assert table["ordinary"][1:2] == ["1.0000"] and table["ordinary"][6:7] == ["1.0000"]
+        assert table["ordinary"][1:2] == ["1.0000"]  # a call that does not parse runs no tool
+        assert table["ordinary"][6:7] == ["0.0000" if teaches == "garbled" else "1.0000"]
 
 
 class SimpleModel:
