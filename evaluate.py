@@ -447,7 +447,10 @@ def plus_eval(config):
     answer is the teacher's, numbers copied exactly; then the ordinary questions: answered without a tool, and right.
     """
     directory = str(config.world or world.ensure_world())
-    plus.ensure_plus_data(directory)
+    try:
+        plus.ensure_plus_data(directory)
+    except ValueError as error:
+        raise flags.Stop(f"--world {error}") from None
     with open(os.path.join(directory, "shapes_plus.jsonl")) as f:
         questions = [json.loads(line) for line in f]
     with open(os.path.join(directory, "shapes_plus_truth.jsonl")) as f:

@@ -39,7 +39,6 @@ import json
 import os
 import random
 import re
-import tempfile
 from collections import Counter, deque
 from dataclasses import dataclass
 
@@ -49,6 +48,7 @@ from PIL import Image, ImageDraw
 import flags
 import world
 from data import IMAGE_TAG
+from weights import atomic_write
 
 TOOLS = {}  # name -> function(image, **params) -> output dict; the model calls them by these names
 TYPICAL_FILL = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}  # a shape's share of its box
@@ -315,13 +315,15 @@ def without_tools(record):
                                        for turn in record["conversations"]]}
 
 
-def write_json_atomically(path, data, lines=False):
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False, suffix=".tmp") as f:
-        if lines:
-            f.writelines(json.dumps(line) + "\n" for line in data)
-        else:
-            json.dump(data, f, indent=1)
-    os.replace(f.name, path)
+def write_json(path, data, lines=False):
+    """A JSON file (or JSON lines) that appears whole or not at all."""
+    def write(tmp_path):
+        with open(tmp_path, "w") as f:
+            if lines:
+                f.writelines(json.dumps(line) + "\n" for line in data)
+            else:
+                json.dump(data, f, indent=1)
+    atomic_write(path, write)
 
 
 def plus_records(directory, split, scenes, seed):
@@ -365,16 +367,18 @@ def ensure_plus_data(directory, seed=0):
     names = ("plus.json", "val_plus.json", "shapes_plus.jsonl", "shapes_plus_truth.jsonl")
     if all(os.path.exists(os.path.join(directory, name)) for name in names):
         return None
+    if not os.path.isfile(os.path.join(directory, "scenes.json")):
+        raise ValueError(f"{directory}: not a world directory (no scenes.json); python world.py generates one")
     with open(os.path.join(directory, "scenes.json")) as f:
         scenes = json.load(f)
     counts = {}
     for split, prefix in (("train", ""), ("val", "val_")):
         records = plus_records(directory, split, [s for s in scenes if s["split"] == split], seed)
-        write_json_atomically(os.path.join(directory, f"{prefix}plus.json"), records)
+        write_json(os.path.join(directory, f"{prefix}plus.json"), records)
         counts[f"{prefix}plus.json"] = Counter("tool" if r["id"].endswith("-tool") else "no tool" for r in records)
     lines = plus_benchmark(directory, [s for s in scenes if s["split"] == "val"], seed)
-    write_json_atomically(os.path.join(directory, "shapes_plus_truth.jsonl"), [key for _, key in lines], lines=True)
-    write_json_atomically(os.path.join(directory, "shapes_plus.jsonl"), [q for q, _ in lines], lines=True)
+    write_json(os.path.join(directory, "shapes_plus_truth.jsonl"), [key for _, key in lines], lines=True)
+    write_json(os.path.join(directory, "shapes_plus.jsonl"), [q for q, _ in lines], lines=True)
     counts["shapes_plus.jsonl"] = Counter(q["category"] for q, _ in lines)
     return counts
 
@@ -388,13 +392,13 @@ class PlusConfig:
 
 def main(argv=None):
     """Write LLaVA-Plus's files into the world the flags name (generating the world first if need be)."""
-    with flags.one_line_errors("plus.py"):
+    with flags.one_line_errors("plus.py", expected=(OSError, ValueError)):
         given = flags.command_line(PlusConfig, argv, "plus.py", "python plus.py [--field value ...]", __doc__)
         if given is None:  # --help
             return
         config = PlusConfig(**given)
-    directory = world.ensure_world(config.root, config.seed)
-    counts = ensure_plus_data(str(directory), config.seed)
+        directory = world.ensure_world(config.root, config.seed)
+        counts = ensure_plus_data(str(directory), config.seed)
     print(f"world directory: {directory}")
     for name, tally in (counts or {}).items():
         print(f"  {name:24s} " + ", ".join(f"{kind} {n}" for kind, n in sorted(tally.items())))

@@ -885,15 +885,15 @@ class WorldConfig:
 
 def main(argv=None):
     """Generate the world the flags name (once), print its directory and a summary."""
-    with flags.one_line_errors("world.py"):
+    with flags.one_line_errors("world.py", expected=(OSError,)):  # --root unwritable: the path, in one line
         given = flags.command_line(WorldConfig, argv, "world.py", "python world.py [--field value ...]", __doc__)
         if given is None:  # --help
             return
         config = WorldConfig(**given)
-    cached = world_directory(config.root, config.seed, choice_answer=config.choice_answer).exists()
-    started = time.time()
-    directory = ensure_world(config.root, config.seed, choice_answer=config.choice_answer)
-    elapsed = time.time() - started
+        cached = world_directory(config.root, config.seed, choice_answer=config.choice_answer).exists()
+        started = time.time()
+        directory = ensure_world(config.root, config.seed, choice_answer=config.choice_answer)
+        elapsed = time.time() - started
     manifest = json.loads((directory / "world.json").read_text())
     print(f"world directory: {directory}")
     print(f"objects per scene: {manifest['objects_per_scene']}")

@@ -298,3 +298,12 @@ def test_tools_of_ones_own_load_from_a_file_and_a_broken_file_is_one_line(tmp_pa
         sample.load_tools(str(tmp_path / "broken.py"))
     with pytest.raises(flags.Stop, match="--tools nothere.py: cannot read it"):
         sample.load_tools("nothere.py")
+
+
+def test_a_directory_that_is_no_world_is_one_line_for_evaluate_and_plus_py(tmp_path):
+    import evaluate
+    with pytest.raises(SystemExit, match=f"evaluate.py: error: --world {tmp_path}: not a world directory"):
+        evaluate.main(["--plus", "--world", str(tmp_path)])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="plus.py: error: .*file"):
+        plus.main(["--root", str(tmp_path / "file" / "under")])
