@@ -3,7 +3,7 @@ LLaVA-Plus (Liu et al. 2023, "Learning to Use Tools for Multimodal Agents") in t
 training data, and the loop that serves a model which calls them.
 
     python plus.py                           # write the data into the default world: plus.json, val_plus.json,
-                                             # shapes_plus.jsonl, shapes_plus_truth.jsonl
+                                             # plus_no_thoughts.json, shapes_plus.jsonl, shapes_plus_truth.jsonl
 
 An assistant turn of LLaVA-Plus carries thoughts, actions (a list of {"API_name", "API_params"}, empty when no tool
 is needed) and a value (what the user reads); data.assistant_text writes them as the model's text and parse_turn reads
@@ -187,10 +187,10 @@ def edit(image, caption, new_color):
 def parse_turn(text):
     """(thoughts, actions, value) of an assistant turn written as data.assistant_text writes it; a reply without
     that form is (None, [], text). Actions that are not a JSON list of {API_name, API_params} are a ToolError."""
-    match = re.search(r'"thoughts🤔"(.*)"actions🚀"(.*)"value👉"(.*)', text, re.DOTALL)
+    match = re.search(r'(?:"thoughts🤔"(.*))?"actions🚀"(.*)"value👉"(.*)', text, re.DOTALL)  # thoughts: optional
     if not match:
         return None, [], text.strip()
-    thoughts, actions, value = (part.strip() for part in match.groups())
+    thoughts, actions, value = (part if part is None else part.strip() for part in match.groups())
     try:
         actions = json.loads(actions)
     except json.JSONDecodeError:
@@ -315,6 +315,12 @@ def without_tools(record):
                                        for turn in record["conversations"]]}
 
 
+def without_thoughts(record):
+    """The thoughts ablation of LLaVA-Plus's paper: the same record, its assistant turns without thoughts."""
+    return record | {"conversations": [{k: v for k, v in turn.items() if k != "thoughts"}
+                                       for turn in record["conversations"]]}
+
+
 def write_json(path, data, lines=False):
     """A JSON file (or JSON lines) that appears whole or not at all."""
     def write(tmp_path):
@@ -363,8 +369,9 @@ def plus_benchmark(directory, scenes, seed):
 
 def ensure_plus_data(directory, seed=0):
     """Write LLaVA-Plus's files into a world directory once: plus.json and val_plus.json (the training mix),
-    shapes_plus.jsonl and shapes_plus_truth.jsonl (the held-out tool benchmark). Returns {file: count}."""
-    names = ("plus.json", "val_plus.json", "shapes_plus.jsonl", "shapes_plus_truth.jsonl")
+    plus_no_thoughts.json (the same without thoughts: the paper's ablation), shapes_plus.jsonl and
+    shapes_plus_truth.jsonl (the held-out tool benchmark). Returns {file: count}."""
+    names = ("plus.json", "val_plus.json", "plus_no_thoughts.json", "shapes_plus.jsonl", "shapes_plus_truth.jsonl")
     if all(os.path.exists(os.path.join(directory, name)) for name in names):
         return None
     if not os.path.isfile(os.path.join(directory, "scenes.json")):
@@ -376,6 +383,8 @@ def ensure_plus_data(directory, seed=0):
         records = plus_records(directory, split, [s for s in scenes if s["split"] == split], seed)
         write_json(os.path.join(directory, f"{prefix}plus.json"), records)
         counts[f"{prefix}plus.json"] = Counter("tool" if r["id"].endswith("-tool") else "no tool" for r in records)
+        if split == "train":
+            write_json(os.path.join(directory, "plus_no_thoughts.json"), [without_thoughts(r) for r in records])
     lines = plus_benchmark(directory, [s for s in scenes if s["split"] == "val"], seed)
     write_json(os.path.join(directory, "shapes_plus_truth.jsonl"), [key for _, key in lines], lines=True)
     write_json(os.path.join(directory, "shapes_plus.jsonl"), [q for q, _ in lines], lines=True)
