@@ -134,12 +134,15 @@ def answer_pieces(tokens, tokenizer, stops):
 
 
 def stream_answer(tokens, tokenizer, stops, out):
-    """Print an answer as its tokens arrive, then a newline; return its text."""
+    """Print an answer as its tokens arrive, then a newline (a note on stderr when the answer is empty: the model
+    ended its turn at once); return its text."""
     pieces = []
     for piece in answer_pieces(tokens, tokenizer, stops):
         out.write(piece)
         out.flush()
         pieces.append(piece)
+    if not "".join(pieces).strip():
+        print("(the model's answer is empty: it ended its turn at once)", file=sys.stderr)
     out.write("\n")
     out.flush()
     return "".join(pieces)

@@ -68,7 +68,8 @@ def test_an_assistant_turn_is_written_as_llava_plus_writes_it():
     assert plus.parse_turn(assistant_text(turn)) == (turn["thoughts"], turn["actions"], turn["value"])
     bare = plus.without_thoughts({"id": "x", "conversations": [turn]})["conversations"][0]  # the ablation's records
     assert assistant_text(bare) == ('"actions🚀" [{"API_name": "detector", "API_params": {"caption": '
-                                    '"small green circle"}}]\n"value👉" I will use detector. Please wait for a moment.\n')
+                                    '"small green circle"}}]\n'
+                                    '"value👉" I will use detector. Please wait for a moment.\n')
     assert plus.parse_turn(assistant_text(bare)) == (None, turn["actions"], turn["value"])
 
 

@@ -316,3 +316,15 @@ def test_a_prompt_without_an_image_is_answered_as_a_text_only_record_is_also_in_
 def test_sampling_flags_without_a_temperature_are_refused(tiny, flag):
     with pytest.raises(SystemExit, match=f"{flag} does nothing at --temperature 0"):
         sample.main(["--ckpt", tiny.ckpt, "--image", tiny.images[0], flag, "1"])
+
+
+def test_an_empty_answer_is_printed_as_an_empty_line_with_a_note_on_stderr(capsys):
+    from tiny_llava import byte_level_tokenizer
+    tokenizer = byte_level_tokenizer()
+    said = sample.stream_answer(iter([EOS]), tokenizer, [EOS], sys.stdout)  # the model ends its turn at once
+    printed = capsys.readouterr()
+    assert said == "" and printed.out == "\n"
+    assert printed.err == "(the model's answer is empty: it ended its turn at once)\n"
+    said = sample.stream_answer(iter(tokenizer.encode("Red.").ids + [EOS]), tokenizer, [EOS], sys.stdout)
+    printed = capsys.readouterr()
+    assert said == "Red." and printed.out == "Red.\n" and printed.err == ""
