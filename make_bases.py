@@ -4,6 +4,7 @@ tiny LLaMA, trained from scratch on the shapes world (world.py) and written in H
 through exactly the loaders real checkpoints use (CLIP.from_pretrained, Llama.from_pretrained, and transformers').
 
     python make_bases.py                                       # all of bases/ (time: docs/bases.md)
+    python make_bases.py --resume                              # go on where an interrupted run stopped
     python make_bases.py --out /tmp/bases --clip_steps 20 --color_steps 5 --position_steps 5 --facts_steps 5 \
         --llm_steps 20                                         # a quick smoke run
     python -m pytest -q tests/test_make_bases.py
@@ -34,6 +35,8 @@ through exactly the loaders real checkpoints use (CLIP.from_pretrained, Llama.fr
    vectors that wrote the captions but that the questions did not read. This is LLaVA's premise made literal: the
    LLM can already read what W must learn to write (stage 1). The held-out exact match it prints, in this text form, on
    evaluate.py's questions, is the ceiling of stages 1 and 2; the bases ship only when it is at least 0.98.
+The LLaMA's training state is checkpointed (OUT/build/llama_training.pt, every --checkpoint_every steps): a run cut
+short goes on with --resume and ends with the bytes an uninterrupted run writes.
 Weights are trained in float32 (under bf16 autocast with --dtype bfloat16) and stored in float16 (the loaders cast
 on load); the quality figures printed at the end are measured on the stored files, loaded back.
 """
@@ -120,6 +123,9 @@ class Settings:
     llm_lr: float = 1e-3  # peak learning rate
     llm_eval_every: int = 1000  # print the held-out fact words right and exact match (the scenes in words) every this
                                 # many steps (0: only the exact match at the end, on the stored weights)
+    checkpoint_every: int = 500  # write the LLaMA's training state to OUT/build/llama_training.pt this often
+    resume: bool = False  # take up the LLaMA's training where OUT/build/llama_training.pt stopped (and reuse a CLIP
+                          # finished in OUT/build/clip): the result is bit-identical to an uninterrupted run
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The world as data
@@ -184,16 +190,19 @@ def save_tokenizer(tokenizer, directory, bos, eos, max_length):
 # Training, shared by both models
 
 
-def train(name, model, batch_loss, steps, lr, settings, warmup=0.05):
+def train(name, model, batch_loss, steps, lr, settings, warmup=0.05, checkpoint=None):
     """AdamW with linear warmup and cosine decay; batch_loss(step) -> loss, under bf16 autocast if settings.dtype
-    says so. Prints step, loss, elapsed time and ETA ten times."""
+    says so. Prints step, loss, elapsed time and ETA ten times. checkpoint=(path, rng): every
+    settings.checkpoint_every steps the model, optimizer, step and random states (rng's and torch's) go to path,
+    atomically; with settings.resume the run takes up from there and ends as an uninterrupted run would."""
     decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices decay; norms, biases, scales do not
     rest = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=0.1), dict(params=rest, weight_decay=0.0)],
                                   lr=lr, betas=(0.9, 0.98), fused=settings.device == "cuda")
+    first = resume_training(checkpoint, model, optimizer, settings)
     model.train()
     started = time.time()
-    for step in range(steps):
+    for step in range(first, steps):
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / (warmup * steps)) * 0.5 * (1 + math.cos(math.pi * step / steps))
         # the CPU's flash-attention backward is slow on these short sequences: the plain math kernel ran ~2x faster
@@ -207,8 +216,48 @@ def train(name, model, batch_loss, steps, lr, settings, warmup=0.05):
         if step % max(1, steps // 10) == 0 or step == steps - 1:
             elapsed = time.time() - started
             print(f"{name} step {step + 1}/{steps}  loss {loss.item():.4f}  elapsed {elapsed:.0f}s  "
-                  f"eta {elapsed / (step + 1) * (steps - step - 1):.0f}s", flush=True)
+                  f"eta {elapsed / (step + 1 - first) * (steps - step - 1):.0f}s", flush=True)
+        if checkpoint and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 \
+                and step + 1 < steps:
+            save_training(checkpoint, model, optimizer, step + 1, settings)
     return model.eval()
+
+
+def save_training(checkpoint, model, optimizer, step, settings):
+    path, rng = checkpoint
+    version, state, gauss = rng.getstate()
+    payload = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                   rng=dict(torch=torch.get_rng_state(), python=[version, list(state), gauss]),
+                   settings=training_settings(settings))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def training_settings(settings):
+    """What a resumed run must share with the run that wrote the checkpoint (the run's place and pace may differ)."""
+    return {k: v for k, v in dataclasses.asdict(settings).items()
+            if k not in ("out", "resume", "checkpoint_every", "threads", "llm_eval_every")}
+
+
+def resume_training(checkpoint, model, optimizer, settings):
+    """The step to start from: 0, or with --resume the checkpoint's (its model, optimizer and random states
+    loaded); a checkpoint of other settings stops with one line naming them."""
+    if not (checkpoint and settings.resume and os.path.exists(checkpoint[0])):
+        return 0
+    path, rng = checkpoint
+    saved = torch.load(path, weights_only=True)  # tensors, lists and numbers: no pickle
+    differ = {k: (v, saved["settings"].get(k)) for k, v in training_settings(settings).items()
+              if saved["settings"].get(k) != v}
+    if differ:
+        raise flags.Stop(f"--resume: {path} was written with other settings ("
+                         + ", ".join(f"--{k} {old} there, {new} now" for k, (new, old) in differ.items())
+                         + "); run without --resume to start again")
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    version, state, gauss = saved["rng"]["python"]
+    rng.setstate((version, tuple(state), gauss))
+    torch.set_rng_state(saved["rng"]["torch"])
+    print(f"resumed from {path} at step {saved['step']}", flush=True)
+    return saved["step"]
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 2. CLIP
@@ -515,7 +564,7 @@ def reading_loss(model, ids, labels, weights, cells, noise=0.0):
     return (losses * weights).sum() / weights.sum().clamp(min=1)
 
 
-def train_llama(settings, tokenizer, held_out, directory):
+def train_llama(settings, tokenizer, held_out, directory, checkpoint):
     """A fresh LLaMA through the four phases. From scratch: after 800 steps of the world's conversations with the
     image left out (guessing answers blind), the color lookup formed more slowly (0.70 of held-out color questions
     after 500 steps of phase 1, against 0.88 after 250 from scratch)."""
@@ -551,7 +600,7 @@ def train_llama(settings, tokenizer, held_out, directory):
                                                    if noise else ""))
         batch = reading_batch(settings, tokenizer, mix, only_facts, fewest, facts, held_out, rng)
         return reading_loss(model, *batch, noise)
-    return train("llama", model, batch_loss, ends[-1], settings.llm_lr, settings)
+    return train("llama", model, batch_loss, ends[-1], settings.llm_lr, settings, checkpoint=(checkpoint, rng))
 
 
 def reading_prompt(question, tokenizer):
@@ -643,7 +692,7 @@ def checked(settings):
     """The settings, once every count is in range and the shapes fit together; else one line naming the flag."""
     flags.at_least(settings, 1, "threads", "llm_batch", "llm_tokens", "clip_batch")
     flags.at_least(settings, 0, "clip_steps", "color_steps", "position_steps", "facts_steps", "llm_steps",
-                   "llm_eval_every", "cell_noise")
+                   "llm_eval_every", "cell_noise", "checkpoint_every")
     for width, heads in (("vision_width", "vision_heads"), ("text_width", "text_heads"), ("llm_width", "llm_heads")):
         if getattr(settings, heads) < 1 or getattr(settings, width) % getattr(settings, heads):
             raise flags.Stop(f"--{width} {getattr(settings, width)} --{heads} {getattr(settings, heads)}: the heads "
@@ -670,7 +719,8 @@ def make_bases(settings):
     timings = {}
     directory = world.ensure_world(settings.world_root, settings.world_seed, settings.n_train, settings.n_heldout)
     build = os.path.join(settings.out, "build")
-    shutil.rmtree(build, ignore_errors=True)
+    if not settings.resume:
+        shutil.rmtree(build, ignore_errors=True)
 
     tokenizer = train_tokenizer(world_texts(directory))
     timings["tokenizer"] = time.time() - started
@@ -678,15 +728,18 @@ def make_bases(settings):
 
     part = time.time()
     scenes, pixels, is_train = load_scenes(directory, world.IMAGE_SIZE)
-    clip = train_clip(settings, tokenizer, scenes, pixels, is_train)
-    save_clip(clip, tokenizer, os.path.join(build, "clip"), settings)
+    if settings.resume and os.path.exists(os.path.join(build, "clip", "model.safetensors")):
+        print(f"CLIP: the one finished in {build}/clip (--resume)")
+    else:
+        clip = train_clip(settings, tokenizer, scenes, pixels, is_train)
+        save_clip(clip, tokenizer, os.path.join(build, "clip"), settings)
     clip = CLIP.from_pretrained(os.path.join(build, "clip"), device=settings.device)  # score what was stored
     clip_figures = clip_quality(clip, tokenizer, scenes, pixels, is_train, settings)
     timings["clip"] = time.time() - part
 
     part = time.time()
     held_out_scenes = {scene.key() for scene, train_scene in zip(scenes, is_train.tolist()) if not train_scene}
-    llama = train_llama(settings, tokenizer, held_out_scenes, directory)
+    llama = train_llama(settings, tokenizer, held_out_scenes, directory, os.path.join(build, "llama_training.pt"))
     save_llama(llama, tokenizer, os.path.join(build, "llama"), settings)
     llama = Llama.from_pretrained(os.path.join(build, "llama"), device=settings.device)
     llama_figures = reading_accuracy(llama, tokenizer, directory, settings)
@@ -694,7 +747,7 @@ def make_bases(settings):
 
     for name in ("clip", "llama"):
         replace_directory(os.path.join(build, name), os.path.join(settings.out, name))
-    os.rmdir(build)
+    shutil.rmtree(build)
     print_figures(settings, clip_figures, llama_figures, timings, time.time() - started)
     return clip_figures, llama_figures
 

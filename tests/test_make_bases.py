@@ -320,6 +320,39 @@ def test_tiny_run_writes_bases_both_loaders_read_deterministically_from_the_seed
     assert json.loads((tmp_path / "a" / "clip" / "config.json").read_text())["text_config"]["eos_token_id"] == 4
 
 
+def test_an_interrupted_llama_training_resumes_to_the_bytes_of_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    tiny = TINY + ["--llm_steps", "6", "--checkpoint_every", "2", "--llm_eval_every", "0",
+                   "--world_root", str(tmp_path / "world")]
+    monkeypatch.setattr(make_bases, "reading_accuracy", lambda *args: {"overall": 0.0})  # speed: no final eval
+    make_bases.main(tiny + ["--out", str(tmp_path / "whole")])
+    calls, reading_loss = [], make_bases.reading_loss
+
+    def interrupted(*args, **kwargs):  # Ctrl-C during the 8th step, after the checkpoint of step 6
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return reading_loss(*args, **kwargs)
+    monkeypatch.setattr(make_bases, "reading_loss", interrupted)
+    with pytest.raises(SystemExit, match="130"):
+        make_bases.main(tiny + ["--out", str(tmp_path / "cut")])
+    assert (tmp_path / "cut" / "build" / "llama_training.pt").exists() and not (tmp_path / "cut" / "llama").exists()
+    monkeypatch.setattr(make_bases, "reading_loss", reading_loss)
+    capsys.readouterr()
+    make_bases.main(tiny + ["--out", str(tmp_path / "cut"), "--resume"])
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "at step 6" in printed and "clip step" not in printed
+    for name in ("clip", "llama"):
+        for file in ("config.json", "model.safetensors", "tokenizer.json"):
+            assert (tmp_path / "whole" / name / file).read_bytes() == (tmp_path / "cut" / name / file).read_bytes()
+    calls.clear()
+    monkeypatch.setattr(make_bases, "reading_loss", interrupted)
+    with pytest.raises(SystemExit, match="130"):
+        make_bases.main(tiny + ["--out", str(tmp_path / "cut")])
+    with pytest.raises(SystemExit, match="--resume: .* was written with other settings .--llm_lr 0.001 there, "
+                                         "0.002 now.; run without --resume to start again"):
+        make_bases.main(tiny + ["--out", str(tmp_path / "cut"), "--llm_lr", "0.002", "--resume"])
+
+
 @pytest.mark.parametrize("flag, value, says", [("--threads", "0", "at least 1"), ("--llm_steps", "-3", "at least 0"),
                                               ("--llm_tokens", "0", "at least 1"),
                                               ("--llm_eval_every", "-1", "at least 0"),
