@@ -46,6 +46,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -227,7 +228,8 @@ def save_training(checkpoint, model, optimizer, step, settings):
     path, rng = checkpoint
     version, state, gauss = rng.getstate()
     payload = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                   rng=dict(torch=torch.get_rng_state(), python=[version, list(state), gauss]),
+                   rng=dict(torch=torch.get_rng_state(), python=[version, list(state), gauss],
+                            cuda=torch.cuda.get_rng_state() if settings.device == "cuda" else None),
                    settings=training_settings(settings))
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
@@ -241,9 +243,12 @@ def training_settings(settings):
 def resume_training(checkpoint, model, optimizer, settings):
     """The step to start from: 0, or with --resume the checkpoint's (its model, optimizer and random states
     loaded); a checkpoint of other settings stops with one line naming them."""
-    if not (checkpoint and settings.resume and os.path.exists(checkpoint[0])):
+    if not (checkpoint and settings.resume):
         return 0
     path, rng = checkpoint
+    if not os.path.exists(path):
+        print(f"--resume: no LLaMA checkpoint in {path} yet: the LLaMA starts at step 0", flush=True)
+        return 0
     saved = torch.load(path, weights_only=True)  # tensors, lists and numbers: no pickle
     differ = {k: (v, saved["settings"].get(k)) for k, v in training_settings(settings).items()
               if saved["settings"].get(k) != v}
@@ -256,6 +261,8 @@ def resume_training(checkpoint, model, optimizer, settings):
     version, state, gauss = saved["rng"]["python"]
     rng.setstate((version, tuple(state), gauss))
     torch.set_rng_state(saved["rng"]["torch"])
+    if saved["rng"]["cuda"] is not None:  # the cells' noise on a GPU draws from its generator
+        torch.cuda.set_rng_state(saved["rng"]["cuda"])
     print(f"resumed from {path} at step {saved['step']}", flush=True)
     return saved["step"]
 
@@ -685,7 +692,15 @@ def main(argv=None):
     """Make the bases as the command line says; returns (CLIP's figures, the LLaMA's) for tests."""
     with flags.one_line_errors("make_bases.py"):
         given = flags.command_line(Settings, argv, "make_bases.py", "python make_bases.py [--field value ...]", __doc__)
-        return None if given is None else make_bases(checked(Settings(**given)))
+        if given is None:  # --help
+            return None
+        settings = checked(Settings(**given))
+        try:
+            return make_bases(settings)
+        except KeyboardInterrupt:
+            print(f"\nstopped; the same command with --resume goes on from the last checkpoint in "
+                  f"{os.path.join(settings.out, 'build')}", file=sys.stderr)
+            raise
 
 
 def checked(settings):
@@ -704,6 +719,11 @@ def checked(settings):
         raise flags.Stop(f"--llm_kv_heads {settings.llm_kv_heads}: it must divide --llm_heads {settings.llm_heads}")
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise flags.Stop("--device cuda: torch sees no CUDA device on this machine")
+    build = os.path.join(settings.out, "build")
+    if settings.resume and not any(os.path.exists(os.path.join(build, name))
+                                   for name in ("llama_training.pt", os.path.join("clip", "model.safetensors"))):
+        raise flags.Stop(f"--resume: nothing to resume in {build} (no llama_training.pt, no finished CLIP); run "
+                         "without --resume to start")
     try:  # now, not after the CLIP's training
         os.makedirs(settings.out, exist_ok=True)
     except OSError as error:

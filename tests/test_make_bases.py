@@ -336,6 +336,7 @@ def test_an_interrupted_llama_training_resumes_to_the_bytes_of_an_uninterrupted_
     with pytest.raises(SystemExit, match="130"):
         make_bases.main(tiny + ["--out", str(tmp_path / "cut")])
     assert (tmp_path / "cut" / "build" / "llama_training.pt").exists() and not (tmp_path / "cut" / "llama").exists()
+    assert "stopped; the same command with --resume goes on from the last checkpoint in" in capsys.readouterr().err
     monkeypatch.setattr(make_bases, "reading_loss", reading_loss)
     capsys.readouterr()
     make_bases.main(tiny + ["--out", str(tmp_path / "cut"), "--resume"])
@@ -367,6 +368,13 @@ def test_a_count_out_of_range_is_refused_naming_the_flag_before_anything_is_writ
     error = str(exit.value)
     assert error.startswith("make_bases.py: error: ") and flag in error and value in error and says in error
     assert not (tmp_path / "bases").exists() and not (tmp_path / "world").exists()
+
+
+def test_resume_with_nothing_to_resume_is_refused_before_any_training(tmp_path):
+    with pytest.raises(SystemExit, match=r"make_bases.py: error: --resume: nothing to resume in .*build \(no "
+                                         r"llama_training.pt, no finished CLIP\); run without --resume to start"):
+        make_bases.main(TINY + ["--resume", "--out", str(tmp_path / "bases"), "--world_root", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()
 
 
 def test_an_out_that_cannot_be_a_directory_is_refused_before_any_training(tmp_path):
