@@ -1,7 +1,8 @@
 """
 A visual chat in the browser: upload an image or pick one of the world's held-out examples, ask, and watch the answer
-stream token by token; the conversation goes on in one KV cache, as sample.py --chat does. One model serves everyone:
-questions queue, and the page says how many are ahead.
+stream token by token; the conversation goes on in one KV cache, as sample.py --chat does. A LLaVA-Plus model's
+thoughts, tool calls and tool outputs are shown as steps, with the picture of the tool's work (docs/plus.md). One model
+serves everyone: questions queue, and the page says how many are ahead.
 
 Examples:
 
@@ -16,10 +17,16 @@ plain HTML and JavaScript served from here; nothing is fetched from elsewhere. T
 
     GET  /api/info                  the model's name, the example names, the limits and the default settings
     GET  /examples/NAME             an example image (only the names /api/info lists)
+    GET  /pictures/TOKEN.png        the picture of a tool's work (only the URLs a 'tool_image' event gave)
     POST /api/upload                the image file as the body (X-Filename: its name) -> {session, image}
     POST /api/example               {"name": NAME} -> {session, image}
     POST /api/ask                   {session, question, temperature, top_p, max_new_tokens} -> a text/event-stream of
-                                    'queued' {ahead}, then 'token' {text} ..., then 'done' {answer} or 'error' {message}
+                                    'queued' {ahead}, 'started' {}, then 'token' {text} ..., then 'done' {answer,
+                                    tokens} or 'error' {message}. A LLaVA-Plus model's reply shows its thoughts
+                                    ('thoughts' {text}) and streams its value as tokens; one that names a tool has
+                                    'action' {tool, params}, then 'tool_output' {text} (what goes back to the model)
+                                    and 'tool_image' {url} (boxes drawn, masks tinted, or the edited image), or
+                                    'tool_error' {message}; after an output, the model's next reply (sample.converse)
     POST /api/reset                 {session} -> {image}: the conversation starts over, about the same image
 
 A bad request gets {"error": message} with a 4xx status; an upload that is too large, not an image, cut short or a
@@ -36,7 +43,7 @@ import sys
 import threading
 import urllib.parse
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -45,7 +52,7 @@ import torch
 import ask
 import flags
 from data import ImageError, load_image
-from sample import Chat, answer_pieces
+from sample import Chat, converse
 from tinyllava import REPO_DIR
 
 USAGE = "python demo.py [--ckpt PATH | --hf DIR] [--port N] [--host ADDRESS] [--flag value ...]"
@@ -53,6 +60,8 @@ PAGE = os.path.join(REPO_DIR, "demo.html")
 HEARTBEAT = 1.0  # seconds between 'queued' events while waiting: each also finds out whether the client is gone
 MAX_JSON_BYTES = 64 * 1024  # a question and its settings
 MAX_QUESTION_CHARS = 2000
+MAX_PICTURES = 16  # pictures of a tool's work kept per conversation, the oldest forgotten beyond that
+THOUGHTS, ACTIONS, VALUE = '"thoughts🤔"', '"actions🚀"', '"value👉"'  # a LLaVA-Plus turn's markers
 
 
 @dataclass
@@ -154,7 +163,7 @@ class Demo:
 
     def open_session(self, image, name):
         """A new conversation about a PIL image; returns its id. Beyond --max_sessions the least recently used goes."""
-        session = Session(name, ask.to_pixels(self.model, [image]))
+        session = Session(name, ask.to_pixels(self.model, [image]), image)
         session_id = secrets.token_urlsafe(16)
         with self.sessions_lock:
             self.sessions[session_id] = session
@@ -170,6 +179,23 @@ class Demo:
             self.sessions.move_to_end(session_id)
             return self.sessions[session_id]
 
+    def keep_picture(self, session, picture):
+        """Keep a tool's picture (PIL) in its session, as a PNG; returns the URL, a name only this server mints."""
+        png = io.BytesIO()
+        picture.save(png, format="PNG")
+        token = secrets.token_urlsafe(16)
+        with self.sessions_lock:
+            session.pictures[token] = png.getvalue()
+            while len(session.pictures) > MAX_PICTURES:
+                session.pictures.popitem(last=False)
+        return f"/pictures/{token}.png"
+
+    def picture(self, name):
+        """The PNG of a picture kept under that name (TOKEN.png), or None."""
+        with self.sessions_lock:
+            return next((s.pictures[name[:-4]] for s in self.sessions.values() if name.endswith(".png")
+                         and name[:-4] in s.pictures), None)
+
     def decode_upload(self, body, name):
         """The uploaded file as a PIL image, or an ImageError whose message says what is wrong in words."""
         with self.decoding:
@@ -183,8 +209,10 @@ class Demo:
 class Session:
     image: str  # the image's name, as the page shows it
     pixel_values: torch.Tensor  # (1, 3, S, S)
+    original: object  # the image itself (PIL), which LLaVA-Plus's tools read
     chat: Chat | None = None  # made at the first question (its KV cache is the model's whole context); None again
                               # after a reset
+    pictures: OrderedDict = field(default_factory=OrderedDict)  # token -> PNG bytes of a tool's work, oldest first
 
 
 class Upload(io.BytesIO):
@@ -258,6 +286,8 @@ class Handler(BaseHTTPRequestHandler):
             path = demo.examples[urllib.parse.unquote(route[len("/examples/"):])]  # only names listed: no client path
             with open(path, "rb") as f:
                 self.send_bytes(HTTPStatus.OK, f.read(), mimetypes.guess_type(path)[0] or "application/octet-stream")
+        elif route.startswith("/pictures/") and (png := demo.picture(route[len("/pictures/"):])) is not None:
+            self.send_bytes(HTTPStatus.OK, png, "image/png")  # from memory: nothing here opens a file
         else:
             self.send_json(HTTPStatus.NOT_FOUND, {"error": f"no such page: {route}"})
 
@@ -302,6 +332,8 @@ class Handler(BaseHTTPRequestHandler):
     def reset(self):
         session = self.known_session(self.read_json())
         session.chat = None  # a generation under way keeps the Chat it holds; the next question starts afresh
+        with self.server.demo.sessions_lock:
+            session.pictures.clear()
         self.send_json(HTTPStatus.OK, {"image": session.image})
 
     def ask(self):
@@ -323,21 +355,39 @@ class Handler(BaseHTTPRequestHandler):
             demo.line.leave(ticket)
 
     def answer(self, session, question, settings):
-        """Stream the answer, its turn (generation holds the model); stop generating once the client is gone."""
+        """Stream the answer, its turn (generation holds the model); stop generating once the client is gone. A reply
+        of LLaVA-Plus's that names a tool has it run on the session's image (sample.converse, as sample.py runs it)
+        and its steps sent."""
         demo = self.server.demo
         session.chat = chat = session.chat or Chat(demo.model, demo.tokenizer, session.pixel_values)
         sampling = dict(temperature=settings["temperature"], top_p=settings["top_p"], generator=demo.generator)
         self.send_event("started", {})
-        pieces = []
+        reply = Reply()
         try:
-            with contextlib.closing(chat.ask(question, settings["max_new_tokens"], sampling)) as tokens:
-                for piece in answer_pieces(tokens, demo.tokenizer, chat.stops):
-                    self.send_event("token", {"text": piece})
-                    pieces.append(piece)
+            with contextlib.closing(converse(chat, demo.tokenizer, question, settings["max_new_tokens"], sampling,
+                                             session.original)) as parts:
+                for kind, value in parts:
+                    if kind == "tool":
+                        self.send_tool_step(session, value)
+                        reply = Reply()  # the model's reply to the tool's output comes next
+                        continue
+                    for event, data in reply.feed(value if kind == "piece" else "", end=kind == "reply"):
+                        self.send_event(event, data)
         except flags.Stop as error:  # the conversation no longer fits the context
             self.send_event("error", {"message": str(error)})
             return
-        self.send_event("done", {"answer": "".join(pieces), "tokens": len(chat.turns[-1][1])})
+        self.send_event("done", {"answer": reply.answer(), "tokens": len(chat.turns[-1][1])})
+
+    def send_tool_step(self, session, step):
+        """A sample.ToolStep as events: the call, then the tool's output and its picture, or why it could not run."""
+        if step.action is not None:
+            self.send_event("action", {"tool": step.action["API_name"], "params": step.action.get("API_params", {})})
+        if step.error is not None:
+            self.send_event("tool_error", {"message": step.error})
+            return
+        self.send_event("tool_output", {"text": step.output_text})
+        if step.picture is not None:
+            self.send_event("tool_image", {"url": self.server.demo.keep_picture(session, step.picture)})
 
     # ---- reading and writing ----
 
@@ -382,7 +432,7 @@ class Handler(BaseHTTPRequestHandler):
     def send_event(self, event, data):
         """One server-sent event; a client that is gone raises ClientGone."""
         try:
-            self.wfile.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+            self.wfile.write(f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n".encode())
         except OSError:
             raise ClientGone() from None
 
@@ -406,6 +456,41 @@ class RequestError(Exception):
     def __init__(self, status, message):
         super().__init__(message)
         self.status = status
+
+
+class Reply:
+    """One reply as the page shows it, read as it streams. An ordinary reply is all answer: its pieces go out as
+    'token' events as they come. A LLaVA-Plus turn ('"thoughts🤔" ...\n"actions🚀" [...]\n"value👉" ...') sends
+    its thoughts once whole ('thoughts') and streams its value as tokens; its actions are the loop's to run and
+    show (send_tool_step). Until the text is seen to start otherwise, a marker's beginning is held back."""
+
+    def __init__(self):
+        self.text, self.plus, self.thought, self.sent = "", None, False, 0
+
+    def feed(self, piece, end=False):
+        """[(event, data)] that the text so far, `piece` added, lets the page be sent; end: the reply is whole."""
+        self.text += piece
+        head = self.text.lstrip()
+        if self.plus is None and (end or not any(marker.startswith(head) for marker in (THOUGHTS, ACTIONS))):
+            self.plus = head.startswith((THOUGHTS, ACTIONS))
+        events = []
+        if self.plus and not self.thought and (ACTIONS in self.text or end):
+            self.thought = True
+            if thoughts := self.text.split(ACTIONS)[0].partition(THOUGHTS)[2].strip():
+                events.append(("thoughts", {"text": thoughts}))
+        if len(shown := self.answer(end)) > self.sent:
+            events.append(("token", {"text": shown[self.sent:]}))
+            self.sent = len(shown)
+        return events
+
+    def answer(self, end=True):
+        """What the user reads of the reply so far: an ordinary reply whole; a LLaVA-Plus turn's value (without one,
+        once whole, what follows its thoughts, as written)."""
+        if not self.plus:
+            return self.text if self.plus is False else ""
+        if VALUE in self.text:
+            return self.text.split(VALUE, 1)[1].strip()
+        return self.text[self.text.index(ACTIONS):].strip() if end and ACTIONS in self.text else ""
 
 
 def asked(request, config):

@@ -25,12 +25,14 @@ to stdout, everything else to stderr. A LLaVA-Plus model's reply that names a to
 the image, its output shown and handed back, and the model's next reply streamed; a call that cannot run is one line,
 and the conversation goes on.
 """
+import contextlib
 import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
 import ask
 import flags
@@ -141,49 +143,111 @@ def stream_answer(tokens, tokenizer, stops, out):
         out.write(piece)
         out.flush()
         pieces.append(piece)
-    if not "".join(pieces).strip():
+    return end_answer("".join(pieces), out)
+
+
+def end_answer(text, out):
+    """The newline after a streamed answer, and the note on stderr when it is empty; returns the text."""
+    if not text.strip():
         print("(the model's answer is empty: it ended its turn at once)", file=sys.stderr)
     out.write("\n")
     out.flush()
-    return "".join(pieces)
+    return text
 
 
 def chat(model, tokenizer, pixel_values, max_new, sampling, read, out=None, image=None, tool_dir="out/tools",
          first_culprit="--prompt"):
     """A conversation on the terminal (Chat): read(prompt) gives the next question (None or an empty line ends), each
     answer is printed as it is generated. A reply that names a tool (LLaVA-Plus) has it run on `image` (PIL), and
-    the reply to its output follows. first_culprit names the first question if it is too long. Returns the turns."""
+    the reply to its output follows (converse). first_culprit names the first question if it is too long. Returns
+    the turns."""
     out = out or sys.stdout
     conversation = Chat(model, tokenizer, pixel_values)
     while (text := read("> ")) is not None and text.strip():
-        asked = conversation.ask(text, max_new, sampling, *([first_culprit] if not conversation.turns else []))
-        reply = stream_answer(asked, tokenizer, conversation.stops, out)
-        handed_back = use_tool(reply, image, text, tool_dir, out)
-        if handed_back is not None:
-            stream_answer(conversation.ask(handed_back, max_new, sampling), tokenizer, conversation.stops, out)
+        culprit = first_culprit if not conversation.turns else None
+        for kind, value in converse(conversation, tokenizer, text, max_new, sampling, image, culprit):
+            if kind == "piece":
+                out.write(value)
+                out.flush()
+            elif kind == "reply":
+                end_answer(value, out)
+            else:
+                show_tool_step(value, tool_dir, out)
     return conversation.turns
 
 
-def use_tool(reply, image, question, tool_dir, out):
-    """LLaVA-Plus's server step: the tool a reply names, run on the user's image, its output shown (and its picture
-    saved under tool_dir); returns the turn that hands the output back, or None (no tool named, or one line saying
-    why the call could not run)."""
+def converse(conversation, tokenizer, question, max_new, sampling, image=None, culprit=None):
+    """One question of a conversation (a Chat), LLaVA-Plus's loop included; sample.py's chat and demo.py show what it
+    yields. ("piece", text) as a reply is generated, ("reply", its whole text) when it ends; after a reply that names
+    a tool, ("tool", ToolStep): the call run on `image` (the user's, PIL; never one the model names), its output and
+    picture, or why it could not run. A call that ran has its output handed back as the next user turn of the same
+    conversation, and the model's reply to it follows. culprit: what a question too long for the context is blamed
+    on (Chat.ask's default when None). Closing this generator mid-reply ends the reply there (Chat records it)."""
+    asked = conversation.ask(question, max_new, sampling, *([culprit] if culprit else []))
+    reply = yield from reply_events(asked, tokenizer, conversation.stops)
+    step = tool_step(reply, image, question)
+    if step is None:
+        return
+    yield "tool", step
+    if step.handed_back is not None:
+        yield from reply_events(conversation.ask(step.handed_back, max_new, sampling), tokenizer, conversation.stops)
+
+
+def reply_events(tokens, tokenizer, stops):
+    """("piece", text) as a reply's tokens arrive, then ("reply", its text); returns the text. Closed early, it closes
+    the tokens too."""
+    pieces = []
+    with contextlib.closing(tokens):
+        for piece in answer_pieces(tokens, tokenizer, stops):
+            pieces.append(piece)
+            yield "piece", piece
+    yield "reply", "".join(pieces)
+    return "".join(pieces)
+
+
+@dataclass
+class ToolStep:
+    """What the server did with a reply that names a tool: the call (its action as the model wrote it; None when the
+    actions could not be read), then either the turn that hands the output back, the output whole and the picture of
+    the tool's work (plus.picture; None when it has none), or the one line saying why the call could not run."""
+    action: dict | None = None
+    handed_back: str | None = None
+    output: dict | None = None
+    picture: Image.Image | None = None
+    error: str | None = None
+
+    @property
+    def output_text(self):
+        """The tool's cleaned output, as the model reads it: '<tool> model outputs: {...}'."""
+        return self.handed_back.splitlines()[0]
+
+
+def tool_step(reply, image, question):
+    """LLaVA-Plus's server step on one reply (plus.tool_turn): None when it names no tool, else a ToolStep."""
+    actions = []
     try:
+        actions = plus.parse_turn(reply)[1]
         step = plus.tool_turn(reply, image, question)
     except plus.ToolError as error:
-        print(f"tool not run: {error}", file=out, flush=True)
-        return None
+        return ToolStep(action=actions[0] if actions else None, error=str(error))
     if step is None:
         return None
     handed_back, output = step
-    print(f"tool: {handed_back.splitlines()[0]}", file=out, flush=True)
-    picture = plus.picture(image, output)
-    if picture is not None:
+    return ToolStep(actions[0], handed_back, output, plus.picture(image, output))
+
+
+def show_tool_step(step, tool_dir, out):
+    """A ToolStep on the terminal: `tool: <its output>` and where its picture is saved (under tool_dir, never over
+    another), or `tool not run: <why>`."""
+    if step.error is not None:
+        print(f"tool not run: {step.error}", file=out, flush=True)
+        return
+    print(f"tool: {step.output_text}", file=out, flush=True)
+    if step.picture is not None:
         os.makedirs(tool_dir, exist_ok=True)
         path = next(p for n in range(1, 10 ** 6) if not os.path.exists(p := os.path.join(tool_dir, f"{n:03d}.png")))
-        picture.save(path)
+        step.picture.save(path)
         print(f"tool: its picture is {path}", file=out, flush=True)
-    return handed_back
 
 
 class Chat:

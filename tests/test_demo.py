@@ -16,6 +16,7 @@ import time
 import urllib.request
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -24,8 +25,11 @@ import ask
 import bench_demo
 import demo
 import flags
-from data import load_image, process_image
-from tiny_llava import EOS, FOLLOW_UP, QUESTION, REPO, our_answer, tiny_llava, until_stop, vicuna_ids
+import plus
+import world
+from data import IMAGE_TAG, assistant_text, load_image, process_image
+from test_plus import tool_record
+from tiny_llava import EOS, FOLLOW_UP, NUM_IMAGE_TOKENS, QUESTION, REPO, our_answer, tiny_llava, until_stop, vicuna_ids
 
 MAX_NEW = 100  # the server's --max_new_tokens: the most an answer may ask for
 UPLOAD_LIMIT = 20_000  # bytes (--max_upload_mb 0.02): the tiny images are far smaller
@@ -121,7 +125,7 @@ def test_upload_ask_streams_the_answer_token_by_token_and_it_is_generate_s(serve
     status, opened = upload(served, png_bytes(served.tiny.images[0]), "ball.png")
     assert status == 200 and opened["image"] == "ball.png"
     received = ask_events(served, opened["session"], QUESTION, max_new_tokens=12)
-    assert received[0] == ("started", {})
+    assert received[0] == ("started", {}) and {event for event, _ in received} == {"started", "token", "done"}
     expected = our_answer(served.tiny, served.model, QUESTION, served.tiny.images[0], 12)
     assert streamed(received) == expected and len(expected) > 5
     assert sum(event == "token" for event, _ in received) > 3  # piece by piece, not the whole answer at once
@@ -202,14 +206,16 @@ def test_no_path_a_client_sends_reaches_the_file_system(served, monkeypatch):
                         real_open(path, *args, **kwargs))
     outside = served.tiny.images[0]  # a real image file, outside the examples
     for path in ("/examples/../demo.py", "/examples/%2e%2e/demo.py", "/examples/..%2F..%2Fdemo.py", "/../demo.py",
-                 "/examples/" + outside, "/examples/%2F" + outside.lstrip("/"), "/demo.py", "/examples/"):
+                 "/examples/" + outside, "/examples/%2F" + outside.lstrip("/"), "/demo.py", "/examples/",
+                 "/pictures/../demo.py", "/pictures/..%2Fdemo.py", "/pictures/" + outside, "/pictures/"):
         status, body = call(served, "GET", path)
         assert status == 404 and b"error" in body, path
     for name in ("../image0.png", outside, "val_00000.png/..", ["val_00000.png"], None):
         status, answer = post_json(served, "/api/example", {"name": name})
         assert status == 404 and "no example named" in answer["error"], name
     assert opened == []  # nothing was opened for them
-    assert call(served, "GET", "/examples/val_00000.png")[0] == 200 and opened[-1].endswith("val_00000.png")
+    assert call(served, "GET", "/examples/val_00000.png")[0] == 200  # (mimetypes may read /etc/mime.types first)
+    assert [path for path in opened if path.endswith("val_00000.png")] != []
 
 
 def test_unknown_sessions_and_bad_questions_are_refused_in_words(served):
@@ -319,6 +325,185 @@ def test_a_client_gone_mid_answer_frees_the_model_and_the_next_one_is_served(ser
     assert len(reference(served, [QUESTION], served.tiny.images[0], MAX_NEW)) == MAX_NEW  # which it would have made
 
 # ----------------------------------------------------------------------------------------------------------------------
+# LLaVA-Plus: a reply that names a tool has it run (sample.converse), and the page is sent each step
+
+CIRCLE = world.Scene("white", (world.place("circle", "green", "small", 1, 1),))  # test_plus's: its box is 26..36 of 64
+RECORD = tool_record()  # test_plus's four turns: the question, the call, the output handed back, the answer
+ASKED = RECORD[0]["value"].split("\n", 1)[1]  # "Where is the small green circle?"
+TOOL_REPLY, FINAL_REPLY = assistant_text(RECORD[1]), assistant_text(RECORD[3])  # as a model that learned it says them
+
+
+@pytest.fixture(scope="module")
+def plus_served(served):
+    """A second server whose model says what a test scripts: each LLaMA forward runs as usual (the KV cache fills as
+    it would), then its next token is forced to the next id of `script`; with the script used up, the model is the
+    random one again. `calls` logs (positions fed, positions cached before) of every forward. Its context is 1,024
+    positions (rotary: any length will do), so that LLaVA-Plus's turns fit in the tiny tokenizer's bytes."""
+    config = demo.DemoConfig(ckpt=served.tiny.ckpt, port=0, examples=str(served.root / "examples" / "val_*.png"),
+                             max_new_tokens=400, max_sessions=4)
+    model, tokenizer = ask.load(config)
+    model.llm.config.max_position_embeddings = 1024
+    script, calls, forward = [], [], model.llm.forward
+
+    def scripted(*args, **kwargs):
+        calls.append((kwargs["inputs_embeds"].shape[1], kwargs["cache"].length))
+        logits = forward(*args, **kwargs)
+        if not script:
+            return logits
+        forced = torch.full_like(logits, -1e4)
+        forced[..., script.pop(0)] = 0.0
+        return forced
+    model.llm.forward = scripted
+    server = demo.make_server(config, demo.Demo(model, tokenizer, config, "tiny-plus"))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield SimpleNamespace(tiny=served.tiny, server=server, port=server.server_address[1], script=script, calls=calls,
+                          url=f"http://127.0.0.1:{server.server_address[1]}")
+    server.shutdown()
+    server.server_close()
+
+
+def ids(served, text):
+    return served.tiny.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def say(served, *replies):
+    """Script the model's next replies, each ending its turn."""
+    for reply in replies:
+        served.script.extend(ids(served, reply) + [EOS])
+
+
+def circle_session(served):
+    png = io.BytesIO()
+    world.render(CIRCLE).save(png, format="PNG")
+    return upload(served, png.getvalue(), "circle.png")[1]["session"]
+
+
+def steps(received):
+    """The events, each run of 'token' events joined into one ('token', text)."""
+    joined = []
+    for event, data in received:
+        if event == "token" and joined and joined[-1][0] == "token":
+            joined[-1] = ("token", joined[-1][1] + data["text"])
+        else:
+            joined.append((event, data["text"] if event == "token" else data))
+    return joined
+
+
+def plus_turn(thoughts, actions, value):
+    return f'"thoughts🤔" {thoughts}\n"actions🚀" {actions}\n"value👉" {value}\n'
+
+
+def test_a_tool_call_is_sent_as_steps_run_on_the_sessions_image_and_its_output_handed_back_in_the_cache(plus_served):
+    session = circle_session(plus_served)
+    say(plus_served, TOOL_REPLY, FINAL_REPLY)
+    plus_served.calls.clear()
+    received = ask_events(plus_served, session, ASKED, max_new_tokens=300)
+    url = next((data["url"] for event, data in received if event == "tool_image"), None)
+    assert steps(received) == [
+        ("started", {}),
+        ("thoughts", {"text": RECORD[1]["thoughts"]}),  # "The exact box needs the detector."
+        ("token", RECORD[1]["value"]),  # "I will use detector."
+        ("action", {"tool": "detector", "params": {"caption": "small green circle"}}),
+        ("tool_output", {"text": "detector model outputs: {'boxes': [[0.41, 0.41, 0.56, 0.56]], 'logits': [0.97], "
+                                 "'phrases': ['small green circle']}"}),
+        ("tool_image", {"url": url}),
+        ("thoughts", {"text": RECORD[3]["thoughts"]}),  # "Thanks to the output of detector."
+        ("token", RECORD[3]["value"]),  # "It is at [0.41, 0.41, 0.56, 0.56]."
+        ("done", {"answer": RECORD[3]["value"], "tokens": len(ids(plus_served, FINAL_REPLY)) + 1})]
+    assert sum(event == "token" for event, _ in received) > 10  # the values stream piece by piece
+    assert url.startswith("/pictures/") and url.endswith(".png") and len(url) > 30  # a name the server minted
+    # the output went back as the next user turn of the same conversation, in its KV cache: only the new turn fed
+    chat = plus_served.server.demo.session(session).chat
+    assert [turn["value"] for turn in chat.conversation] == [RECORD[0]["value"], TOOL_REPLY.strip(),
+                                                             RECORD[2]["value"], FINAL_REPLY.strip()]
+    (fed_1, answer_1), (fed_2, answer_2) = chat.turns
+    assert answer_1 == ids(plus_served, TOOL_REPLY) + [EOS] and answer_2 == ids(plus_served, FINAL_REPLY) + [EOS]
+    assert fed_2 == [EOS] + ids(plus_served, f"USER: {RECORD[2]['value']} ASSISTANT:")  # vicuna_v1, by hand
+    cached = len(fed_1) - 1 + NUM_IMAGE_TOKENS + len(answer_1) - 1
+    assert plus_served.calls[len(answer_1)] == (len(fed_2), cached) and len(plus_served.calls) == \
+        len(answer_1) + len(answer_2)
+
+
+def picture_of(served, received):
+    url = next(data["url"] for event, data in received if event == "tool_image")
+    connection = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
+    connection.request("GET", url)
+    response = connection.getresponse()
+    assert response.status == 200 and response.getheader("Content-Type") == "image/png"
+    return url, Image.open(io.BytesIO(response.read()))
+
+
+def test_the_detectors_picture_is_a_png_at_its_url_with_the_box_drawn_and_forgotten_at_reset(plus_served):
+    session = circle_session(plus_served)
+    say(plus_served, TOOL_REPLY, FINAL_REPLY)
+    url, picture = picture_of(plus_served, ask_events(plus_served, session, ASKED, max_new_tokens=300))
+    pixels = np.asarray(picture)
+    assert picture.format == "PNG" and pixels.shape == (256, 256, 3)  # the 64-pixel image, 4 times larger
+    box = slice(26 * 4, 36 * 4)  # the circle's box, pixels 26 to 36 of 64
+    assert (pixels[26 * 4, box] == 0).all() and (pixels[box, 26 * 4] == 0).all()  # its top and left edges, black
+    assert (pixels[36 * 4 - 1, box] == 0).all() and (pixels[box, 36 * 4 - 1] == 0).all()  # bottom and right
+    assert (pixels[26 * 4 - 1, box] == 255).all() and (pixels[0, 0] == 255).all()  # outside it, the white image
+    assert tuple(pixels[31 * 4, 31 * 4]) == world.COLORS["green"]  # inside, the circle
+    for path in (url.replace("/pictures/", "/pictures/x"), "/pictures/", url[:-4], url + "/../../demo.py"):
+        assert call(plus_served, "GET", path)[0] == 404, path
+    assert post_json(plus_served, "/api/reset", {"session": session})[0] == 200
+    assert call(plus_served, "GET", url)[0] == 404  # the conversation's pictures go with it
+
+
+def test_an_edit_is_shown_as_the_edited_image_and_the_sessions_own_image_stays(plus_served):
+    session = circle_session(plus_served)
+    edit = {"API_name": "editor", "API_params": {"caption": "small green circle", "new_color": "red"}}
+    say(plus_served, plus_turn("Changing the image needs the editor.", json.dumps([edit]), "I will use editor."),
+        plus_turn("Thanks to the output of editor.", "[]", "The small green circle is now red."))
+    received = ask_events(plus_served, session, "Make the small green circle red.", max_new_tokens=300)
+    assert ("action", {"tool": "editor", "params": edit["API_params"]}) in received
+    assert ("tool_output", {"text": "editor model outputs: {'phrases': ['small green circle']}"}) in received
+    _, picture = picture_of(plus_served, received)
+    assert picture.size == (64, 64) and picture.getpixel((31, 31)) == world.COLORS["red"]  # the edited image
+    assert plus.detect(picture, "object")["phrases"] == ["small red circle"]
+    assert plus.detect(plus_served.server.demo.session(session).original, "object")["phrases"] == \
+        ["small green circle"]
+    assert received[-1][0] == "done" and received[-1][1]["answer"] == "The small green circle is now red."
+
+
+@pytest.mark.parametrize("actions, action, message", [
+    ('[{"API_name": "ruler", "API_params": {}}]', {"tool": "ruler", "params": {}},
+     "there is no tool 'ruler' (there are detector, editor, segmenter"),
+    ('[{"API_name": "detector", "API_params": {"caption": "circle"}', None, "the actions are not JSON: "),
+    ('[{"API_name": "detector", "API_params": {"caption": "banana"}}]', {"tool": "detector", "params": {"caption":
+                                                                          "banana"}}, "detector: cannot look for"),
+    ('[{"API_name": "detector", "API_params": {"caption": "circle", "zoom": 2}}]', {"tool": "detector", "params": {
+        "caption": "circle", "zoom": 2}}, "unexpected keyword argument 'zoom'"),
+])
+def test_a_malformed_action_is_one_line_in_the_stream_and_the_conversation_goes_on(plus_served, actions, action,
+                                                                                   message):
+    session = circle_session(plus_served)
+    say(plus_served, plus_turn("t", actions, "v"))
+    received = steps(ask_events(plus_served, session, "Where is it?", max_new_tokens=300))
+    assert received[:3] == [("started", {}), ("thoughts", {"text": "t"}), ("token", "v")]
+    assert [event for event, _ in received[3:]] == ["action"] * (action is not None) + ["tool_error", "done"]
+    assert action is None or received[3] == ("action", action)
+    error = received[-2][1]["message"]
+    assert message in error and "\n" not in error, error
+    say(plus_served, plus_turn(plus.NO_TOOL, "[]", "It is green."))  # the next question: no tool, answered
+    assert steps(ask_events(plus_served, session, "What color is it?", max_new_tokens=300)) == [
+        ("started", {}), ("thoughts", {"text": plus.NO_TOOL}), ("token", "It is green."),
+        ("done", {"answer": "It is green.", "tokens": len(ids(plus_served, plus_turn(plus.NO_TOOL, "[]", "It is "
+                                                                                                  "green."))) + 1})]
+    chat = plus_served.server.demo.session(session).chat
+    assert [turn["value"] for turn in chat.conversation][::2] == [f"{IMAGE_TAG}\nWhere is it?", "What color is it?"]
+
+
+def test_a_reply_that_is_no_llava_plus_turn_streams_as_it_comes(plus_served):
+    """An ordinary model's replies are unchanged: one that starts like a marker is all answer, every character."""
+    session = circle_session(plus_served)
+    for reply in ('"thoughts" are mine, "actions🚀" too.', '"thought"', "Green."):
+        say(plus_served, reply)
+        received = ask_events(plus_served, session, "Why?", max_new_tokens=300)
+        assert steps(received) == [("started", {}), ("token", reply), ("done", {"answer": reply, "tokens": len(
+            ids(plus_served, reply)) + 1})]
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The command line
 
 
@@ -393,17 +578,24 @@ def ask_in_page(browser, question, max_new_tokens):
     return answer
 
 
-def test_in_a_real_browser_upload_ask_read_the_streamed_answer_and_see_a_bad_upload_refused(served, tmp_path):
+def page_with_image(browser, served, image):
+    """Load the page and upload an image in it; returns a WebDriverWait of 30 s."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+    browser.get(served.url)
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+    browser.find_element(By.ID, "upload").send_keys(str(image))
+    wait.until(lambda b: b.find_element(By.ID, "image-name").text == os.path.basename(image))
+    return wait
+
+
+def test_in_a_real_browser_upload_ask_read_the_streamed_answer_and_see_a_bad_upload_refused(served, tmp_path):
+    from selenium.webdriver.common.by import By
     browser = chromium()
     try:
-        browser.get(served.url)
-        wait = WebDriverWait(browser, 30)
-        wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
         image = served.tiny.images[0]
-        browser.find_element(By.ID, "upload").send_keys(image)
-        wait.until(lambda b: b.find_element(By.ID, "image-name").text == os.path.basename(image))
+        wait = page_with_image(browser, served, image)
         answer = ask_in_page(browser, QUESTION, 12)
         assert answer.get_attribute("data-done") == "true"
         answer_1 = reference(served, [QUESTION], image, 12)
@@ -421,5 +613,42 @@ def test_in_a_real_browser_upload_ask_read_the_streamed_answer_and_see_a_bad_upl
         browser.find_element(By.ID, "reset").click()
         wait.until(lambda b: not b.find_elements(By.CLASS_NAME, "turn"))
         assert "Started over" in browser.find_element(By.ID, "status").text
+    finally:
+        browser.quit()
+
+
+def test_in_a_real_browser_a_tool_call_shows_its_steps_and_picture_and_a_bad_call_is_one_line(plus_served, tmp_path):
+    from selenium.webdriver.common.by import By
+    browser = chromium()
+    try:
+        world.render(CIRCLE).save(tmp_path / "circle.png")
+        wait = page_with_image(browser, plus_served, tmp_path / "circle.png")
+        say(plus_served, TOOL_REPLY, FINAL_REPLY)
+        answer = ask_in_page(browser, ASKED, 300)
+        assert answer.get_attribute("data-done") == "true"
+        shown = [(part.get_attribute("class"), part.get_property("textContent"))
+                 for part in answer.find_elements(By.XPATH, "./div")]
+        assert shown == [
+            ("step thoughts", "thinks The exact box needs the detector."), ("text", "I will use detector."),
+            ("step action", 'calls detector {caption: "small green circle"}'),
+            ("step output", "tool output detector model outputs: {'boxes': [[0.41, 0.41, 0.56, 0.56]], 'logits': "
+                            "[0.97], 'phrases': ['small green circle']}"),
+            ("step picture", "picture "), ("step thoughts", "thinks Thanks to the output of detector."),
+            ("text", "It is at [0.41, 0.41, 0.56, 0.56].")]
+        picture = answer.find_element(By.CSS_SELECTOR, ".picture img")
+        size = "return arguments[0].complete && [arguments[0].naturalWidth, arguments[0].naturalHeight]"
+        assert wait.until(lambda b: b.execute_script(size, picture)) == [256, 256]  # loaded: the boxes drawn
+        assert picture.size["width"] > 100 and picture.get_attribute("src").startswith(plus_served.url + "/pictures/")
+        # a call that cannot run is one line in the answer, and the conversation goes on
+        say(plus_served, plus_turn("t", '[{"API_name": "ruler", "API_params": {}}]', "v"),
+            plus_turn(plus.NO_TOOL, "[]", "It is green."))
+        answer = ask_in_page(browser, "Measure it.", 300)
+        error = answer.find_element(By.CSS_SELECTOR, ".step.error").get_property("textContent")
+        assert answer.get_attribute("data-done") == "true"
+        assert error.startswith("tool not run: there is no tool 'ruler'")
+        answer = ask_in_page(browser, "What color is it?", 300)
+        assert answer.find_element(By.CLASS_NAME, "text").get_property("textContent") == "It is green."
+        assert len(browser.find_elements(By.CLASS_NAME, "answer")) == 3
+        assert browser.find_element(By.ID, "status").get_attribute("class") != "error"
     finally:
         browser.quit()
