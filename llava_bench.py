@@ -39,6 +39,7 @@ import numpy as np
 import ask
 import evaluate
 import flags
+import plus
 import world
 from data import DETAILED_DESCRIPTION_QUESTIONS, ImageError
 
@@ -133,8 +134,8 @@ def context(number, image, scene):
 
 
 def write_jsonl(path, lines):
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(line) + "\n" for line in lines)
+    """JSON lines that appear whole or not at all (plus.write_json's)."""
+    plus.write_json(path, lines, lines=True)
 
 
 def write_bench(items, out_dir):
