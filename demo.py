@@ -11,6 +11,7 @@ Examples:
     python demo.py --threads 1 --max_new_tokens 64      # 1 thread when others load the cores; shorter answers at most
     python demo.py --hf llava-1.5-7b-hf --device cuda   # a published LLaVA (HF layout)
     python demo.py --host 0.0.0.0                       # reachable from other machines (not only this one)
+    python demo.py --ckpt out/plus --tools mytools.py   # LLaVA-Plus with tools of your own (as sample.py --tools)
 
 It listens on 127.0.0.1 (this machine only) unless --host says otherwise, and runs until Ctrl-C. The page is demo.html,
 plain HTML and JavaScript served from here; nothing is fetched from elsewhere. The HTTP API it uses:
@@ -52,7 +53,7 @@ import torch
 import ask
 import flags
 from data import ImageError, load_image
-from sample import Chat, converse
+from sample import Chat, converse, load_tools
 from tinyllava import REPO_DIR
 
 USAGE = "python demo.py [--ckpt PATH | --hf DIR] [--port N] [--host ADDRESS] [--flag value ...]"
@@ -80,6 +81,9 @@ class DemoConfig(ask.ModelFlags):
     temperature: float = 0.0  # 0: greedy, reproducible; LLaVA's chat demo samples at 0.2
     top_p: float = 1.0  # nucleus sampling threshold (1.0: off); used at a temperature above 0
     seed: int = 1337  # of the sampling generator, shared by every conversation
+    # LLaVA-Plus: a reply that names a tool (plus.py) has it run on the conversation's image
+    tools: list[str] = field(default_factory=list)  # Python files of your own tools (functions registered with
+                                                    # @plus.tool("name")), besides detector, segmenter and editor
 
 
 def main(argv=None):
@@ -89,6 +93,8 @@ def main(argv=None):
         if given is None:  # --help
             return
         config = checked(DemoConfig(**given))
+        for tools in config.tools:  # a mistake in them should not cost a model load first
+            load_tools(tools)
         path = ask.find_model(config)
         ask.refuse_captioner(config, path, "the demo's chat")
         model, tokenizer = ask.load(config, path)

@@ -215,8 +215,14 @@ def run_tool(action, image):
     params.pop("image", None)
     try:
         output = TOOLS[name](image, **params)
+    except ToolError:
+        raise
     except TypeError as error:  # a parameter missing or one the tool does not take
         raise ToolError(f"{name}: {error}") from None
+    except Exception as error:  # a tool of the user's failing: one line, and the conversation goes on
+        raise ToolError(f"{name} failed: {type(error).__name__}: {error}") from None
+    if not isinstance(output, dict):
+        raise ToolError(f"{name} returned {type(output).__name__}, not a dict of outputs")
     return clean_output(name, output), output
 
 
@@ -239,13 +245,15 @@ def tool_turn(reply, image, question):
     text, output = run_tool(actions[0], image)
     return f"{text}\n\n{SUMMARIZE.format(question=question)}", output
 
-def picture(image, output, scale=4):
-    """What a tool did, for the user's eyes: the edited image, or the image (scale times larger) with the boxes found
-    drawn and the masks tinted; None when the output holds none of these."""
+def picture(image, output, smallest=256):
+    """What a tool did, for the user's eyes: the edited image, or the image with the boxes found drawn and the masks
+    tinted, a small drawing enlarged a whole number of times until its longer side reaches `smallest` pixels (a photo
+    as it is); None when the output holds none of these."""
     if "edited_image" in output:
         return output["edited_image"]
     if not output.get("boxes") and not output.get("masks"):
         return None
+    scale = max(1, smallest // max(image.size))  # the world's 64-pixel drawings 4 times larger
     pixels = np.asarray(image.convert("RGB")).repeat(scale, 0).repeat(scale, 1).copy()  # (H*scale, W*scale, 3)
     for mask in output.get("masks", []):
         big = mask.repeat(scale, 0).repeat(scale, 1)  # (H*scale, W*scale)

@@ -6,6 +6,7 @@ import http.client
 import io
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -531,12 +532,26 @@ def test_the_command_prints_the_address_serves_and_stops_on_ctrl_c(served, tmp_p
     (["--max_upload_mb", "0"], "--max_upload_mb must be above 0"),
     (["--max_sessions", "0"], "--max_sessions must be at least 1"),
     (["--prot", "8000"], "unknown flag --prot (did you mean --port?)"),
+    (["--tools", "nothere.py"], "--tools nothere.py: cannot read it"),
 ])
 def test_flag_mistakes_are_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as exit:
         demo.main(args)
     assert str(exit.value).startswith("demo.py: error: ") and message in str(exit.value)
     assert "\n" not in str(exit.value) and capsys.readouterr().err == ""
+
+
+def test_tools_of_ones_own_join_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "mytools.py").write_text('import plus\n\n@plus.tool("ruler")\ndef ruler(image):\n'
+                                         '    return {"width": image.size[0]}\n')
+    try:
+        with pytest.raises(SystemExit, match="demo.py: error: .*nothere"):  # the model is looked for after the tools
+            demo.main(["--tools", str(tmp_path / "mytools.py"), "--ckpt", str(tmp_path / "nothere")])
+        reply = '"thoughts🤔" t\n"actions🚀" [{"API_name": "ruler", "API_params": {}}]\n"value👉" v\n'
+        assert plus.tool_turn(reply, world.render(world.sample_scene(random.Random(0))), "?")[0].startswith(
+            "ruler model outputs: {'width': 64}")
+    finally:
+        plus.TOOLS.pop("ruler", None)
 
 
 def test_a_port_in_use_is_one_line_naming_the_flags(served, capsys):

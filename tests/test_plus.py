@@ -153,6 +153,32 @@ def test_a_registered_tool_is_called_with_the_models_parameters_and_the_servers_
         del plus.TOOLS["counter"]
 
 
+@pytest.mark.parametrize("body, message", [
+    (lambda image: 1 / 0, "broken failed: ZeroDivisionError: division by zero"),
+    (lambda image: [1, 2], "broken returned list, not a dict of outputs"),
+])
+def test_a_users_tool_that_fails_is_one_line_and_the_next_call_still_runs(body, message):
+    plus.tool("broken")(body)
+    try:
+        reply = '"thoughts🤔" t\n"actions🚀" [{"API_name": "broken", "API_params": {}}]\n"value👉" v\n'
+        with pytest.raises(plus.ToolError, match=message) as caught:
+            plus.tool_turn(reply, world.render(SCENES[0]), "?")
+        assert "\n" not in str(caught.value)
+        detector = reply.replace('"broken", "API_params": {}', '"detector", "API_params": {"caption": "object"}')
+        assert plus.tool_turn(detector, world.render(SCENES[0]), "?")[0].startswith("detector model outputs:")
+    finally:
+        del plus.TOOLS["broken"]
+
+
+def test_the_picture_enlarges_a_drawing_to_256_pixels_and_leaves_a_photo_its_size():
+    box = {"boxes": [[0.25, 0.25, 0.75, 0.75]]}
+    drawing = plus.picture(world.render(SCENES[0]), box)
+    assert drawing.size == (256, 256) and drawing.getpixel((64, 100)) == (0, 0, 0)  # 64 pixels x 4, the box's edge
+    photo = plus.picture(Image.new("RGB", (1200, 800), (255, 255, 255)), box)
+    assert photo.size == (1200, 800) and photo.getpixel((300, 400)) == (0, 0, 0)  # x0 = 0.25 of 1200
+    assert photo.getpixel((600, 400)) == (255, 255, 255)
+
+
 def test_parse_conversation_reads_a_tool_record_as_pairs_of_question_and_written_turn():
     pairs, has_image = parse_conversation(tool_record())
     assert has_image and [answer for _, answer in pairs] == [assistant_text(t) for t in tool_record()[1::2]]
