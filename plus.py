@@ -221,9 +221,24 @@ def run_tool(action, image):
         raise ToolError(f"{name}: {error}") from None
     except Exception as error:  # a tool of the user's failing: one line, and the conversation goes on
         raise ToolError(f"{name} failed: {type(error).__name__}: {error}") from None
+    check_output(name, output, image)
+    return clean_output(name, output), output
+
+
+def check_output(name, output, image):
+    """A ToolError unless the outputs the user's picture reads have the built-in tools' shapes (a tool of the user's
+    may return anything): boxes [x0, y0, x1, y1] fractions of the image, masks (H, W) booleans, an edited PIL image."""
     if not isinstance(output, dict):
         raise ToolError(f"{name} returned {type(output).__name__}, not a dict of outputs")
-    return clean_output(name, output), output
+    for box in output.get("boxes", []):
+        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+                and 0 <= box[0] <= box[2] <= 1 and 0 <= box[1] <= box[3] <= 1):
+            raise ToolError(f"{name} returned the box {str(box)[:60]}, not [x0, y0, x1, y1] fractions of the image")
+    for mask in output.get("masks", []):
+        if not (isinstance(mask, np.ndarray) and mask.dtype == bool and mask.shape == image.size[::-1]):
+            raise ToolError(f"{name} returned a mask that is not an (H, W) = {image.size[::-1]} boolean array")
+    if "edited_image" in output and not isinstance(output["edited_image"], Image.Image):
+        raise ToolError(f"{name} returned an edited_image that is not a PIL image")
 
 
 def clean_output(name, output):

@@ -156,6 +156,10 @@ def test_a_registered_tool_is_called_with_the_models_parameters_and_the_servers_
 @pytest.mark.parametrize("body, message", [
     (lambda image: 1 / 0, "broken failed: ZeroDivisionError: division by zero"),
     (lambda image: [1, 2], "broken returned list, not a dict of outputs"),
+    (lambda image: {"boxes": [[0.1]]}, r"broken returned the box \[0.1\], not \[x0, y0, x1, y1\]"),
+    (lambda image: {"boxes": [[0.5, 0.5, 0.2, 0.9]]}, "not \\[x0, y0, x1, y1\\] fractions"),
+    (lambda image: {"masks": [np.ones((3, 3), bool)]}, r"a mask that is not an \(H, W\) = \(64, 64\) boolean"),
+    (lambda image: {"edited_image": "x.png"}, "an edited_image that is not a PIL image"),
 ])
 def test_a_users_tool_that_fails_is_one_line_and_the_next_call_still_runs(body, message):
     plus.tool("broken")(body)
