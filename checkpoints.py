@@ -84,11 +84,11 @@ def set_rng_states(states):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def read(path, flag, mmap=False):
-    """One of our checkpoints named by a flag (a ckpt.pt or its directory, found as tinyllava.resolve finds paths);
-    anything else stops the run with one line naming the flag."""
+def read(path, flag, mmap=False, in_repo=True):
+    """One of our checkpoints named by a flag (a ckpt.pt or its directory, found as tinyllava.resolve finds paths;
+    in_repo=False: only where the path says); anything else stops the run with one line naming the flag."""
     try:
-        return read_checkpoint(resolve(path), mmap=mmap)
+        return read_checkpoint(resolve(path) if in_repo else path, mmap=mmap)
     except (FileNotFoundError, ValueError) as error:
         raise Stop(f"{flag} {error}") from None
 
@@ -123,7 +123,7 @@ def resumed_or_new(config, overrides):
         raise Stop(f"--resume continues {path} and --overwrite starts over: give one of them")
     resumed = init = None
     if config.resume:
-        resumed = read(path, "--resume")
+        resumed = read(path, "--resume", in_repo=False)  # the run writes here: never resume the repository's run
         saved = resumed["train_config"]
         changed = [f"--{key} ({saved[key]!r} in the checkpoint, {value!r} given)" for key, value in overrides.items()
                    if key not in RESUMABLE_CHANGES and key in saved and saved[key] != value]

@@ -397,6 +397,20 @@ def test_bad_flags_fail_with_the_flag_named(argv, message, tmp_path, monkeypatch
     assert "\n" not in str(error.value)
 
 
+def test_resume_reads_the_out_dir_where_it_runs_never_the_repositorys(tmp_path, monkeypatch):
+    """The shipped bases are found from any directory, but --resume must not take up the repository's own out/stage1
+    (the run writes its checkpoints where it runs: it would go on from another run's weights)."""
+    import tinyllava
+    os.makedirs(tmp_path / "repo" / "out" / "stage1")
+    shutil.copy(os.path.join(REPO, "README.md"), tmp_path / "repo" / "out" / "stage1" / "ckpt.pt")
+    monkeypatch.setattr(tinyllava, "REPO_DIR", str(tmp_path / "repo"))
+    os.makedirs(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(SystemExit) as error:
+        train.main(["--resume"])
+    assert str(error.value) == "train.py: error: --resume out/stage1/ckpt.pt: no such file or directory"
+
+
 def test_flags_parse_to_the_field_types(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no out/stage2/ckpt.pt here to refuse to overwrite
     argv = ["--learning_rate=2e-5", "--resume", "--batch_size", "8", "--compile", "0", "--vision_feature_layer", "-1",
