@@ -3,7 +3,8 @@ Benchmarks, measured side by side in one run. This machine is shared and noisy, 
 over interleaved rounds (ours, theirs, ours, theirs, ...), never a bare time.
 
     python bench.py models    # LLaMA and CLIP vision tower: forward+backward time and peak memory, ours / transformers
-    python bench.py llava     # TinyLLaVA vs LlavaForConditionalGeneration: stage-2 train step; greedy tokens/s
+    python bench.py llava     # TinyLLaVA vs LlavaForConditionalGeneration: stage-2 train step; greedy tokens/s;
+                              # decoding against the memory-bandwidth roofline, eager and compiled
     python bench.py train     # train.py's stage-2 step: tokens/s, peak memory, FLOP/s over a plain matmul's
     python bench.py pack      # train.py's step on padded micro-batches and on the same packed (--pack): useful tokens/s
     python bench.py lora      # train.py's stage-2 step with LoRA against full fine-tuning: peak memory and time
@@ -150,9 +151,8 @@ def bench_llava(directory):
         "transformers": train_step(hf, lambda m: m(input_ids=hf_ids, pixel_values=pixels, labels=hf_labels).loss)})
 
     bench_generation("realistic", ours, hf, our_ids[0, :40].tolist(), pixels[:1])
-    del hf
-    bench_roofline(ours, TinyLLaVA.from_pretrained(os.path.join(directory, "llava"), dtype=torch.bfloat16),
-                   our_ids[0, :40].tolist(), pixels[:1])
+    del hf, ours
+    bench_roofline(directory, our_ids[0, :40].tolist(), pixels[:1])
 
     # the shipped tiny default's proportions (bases/*/config.json), the model sample.py runs out of the box
     with open(os.path.join(BASES, "llama", "config.json")) as f:
@@ -218,11 +218,15 @@ def bench_generation(name, ours, hf, prompt, pixels, new_tokens=64):
           f"{per_token['transformers'] / per_token['ours']:.2f}")
 
 
-def bench_roofline(ours, ours_bf16, prompt, pixels, new_tokens=64):
-    """Greedy decoding against the memory-bandwidth roofline, float32 and bf16 weights: each new token reads every
-    weight of the LLM once (the embeddings but one row), so tokens/s can at best be the bandwidth over those bytes.
-    The bandwidth: a plain read (sum) of a 512 MiB tensor, measured in the same rounds, interleaved."""
-    ours.eval(), ours_bf16.eval()
+def bench_roofline(directory, prompt, pixels, new_tokens=64):
+    """Greedy decoding against the memory-bandwidth roofline, float32 and bf16 weights, eager and compiled
+    (Llama.compile_decoding: the same tokens): each new token reads every weight of the LLM once (the embeddings but
+    one row), so tokens/s can at best be the bandwidth over those bytes. The bandwidth: a plain read (sum) of a 512
+    MiB tensor, measured in the same rounds, interleaved. The first call of each model (2 tokens; a compiled model
+    compiles its decode step there) is timed apart and left out of the rounds."""
+    path = os.path.join(directory, "llava")
+    models = {f"{kind}{dtype}": TinyLLaVA.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+              for kind in ("", "compiled ") for dtype in ("float32", "bfloat16")}
     big = torch.ones(2 ** 27)
 
     def read_bytes(model):
@@ -234,29 +238,43 @@ def bench_roofline(ours, ours_bf16, prompt, pixels, new_tokens=64):
         start = time.perf_counter()
         step()
         return time.perf_counter() - start
-    models = {"float32": ours, "bf16": ours_bf16}
+
+    def call(model, tokens):
+        return lambda: model.generate([prompt], pixels.to(model.llm.embed_tokens.weight.dtype), max_new_tokens=tokens)
+    first_calls = {}
+    for label, model in models.items():
+        if label.startswith("compiled"):
+            model.llm.compile_decoding()
+        first_calls[label] = seconds(call(model, 2))
     times, bandwidths = {}, []
-    for model in models.values():
-        model.generate([prompt], pixels.to(model.llm.embed_tokens.weight.dtype), max_new_tokens=2)  # warm-up
     for _ in range(ROUNDS):
         bandwidths.append(big.numel() * 4 / seconds(lambda: big.sum()))
         for label, model in models.items():
-            images = pixels.to(model.llm.embed_tokens.weight.dtype)
             for tokens in (1, new_tokens + 1):
-                times.setdefault((label, tokens), []).append(seconds(
-                    lambda: model.generate([prompt], images, max_new_tokens=tokens)))
+                times.setdefault((label, tokens), []).append(seconds(call(model, tokens)))
     bandwidth = statistics.median(bandwidths)
     rates = {label: new_tokens / (statistics.median(times[label, new_tokens + 1]) - statistics.median(times[label, 1]))
              for label in models}
+    print("  first call (2 tokens; compiled: compiling the decode step): "
+          + ", ".join(f"{label} {first_calls[label]:.1f} s" for label in models))
+    print_roofline(models, rates, bandwidth, {label: read_bytes(model) for label, model in models.items()})
+
+
+def print_roofline(models, rates, bandwidth, read_bytes):
+    """bench_roofline's figures: tokens/s and the fraction of the roofline of each model, then the ratios."""
     print(f"  roofline: a plain read of 512 MiB at {bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} threads")
-    for label, model in models.items():
-        roofline = bandwidth / read_bytes(model)
-        print(f"  decoding, {label} weights: {rates[label]:.1f} tokens/s, {read_bytes(model) / 1e6:.0f} MB read per "
-              f"token, roofline {roofline:.1f} tokens/s: {rates[label] / roofline:.2f} of it")
+    for label in models:
+        roofline = bandwidth / read_bytes[label]
+        print(f"  decoding, {label}: {rates[label]:.1f} tokens/s, {read_bytes[label] / 1e6:.0f} MB of weights read "
+              f"per token, roofline {roofline:.1f} tokens/s: {rates[label] / roofline:.2f} of it")
     with open("/proc/cpuinfo") as f:
         bf16_instructions = "avx512_bf16" in f.read()
-    print(f"  bf16 over float32 tokens/s: {rates['bf16'] / rates['float32']:.2f} (this CPU "
-          f"{'has' if bf16_instructions else 'lacks'} AVX512-bf16)")
+    print(f"  bf16 over float32 tokens/s: eager {rates['bfloat16'] / rates['float32']:.2f}, compiled "
+          f"{rates['compiled bfloat16'] / rates['compiled float32']:.2f}, compiled bf16 over eager float32 "
+          f"{rates['compiled bfloat16'] / rates['float32']:.2f} (this CPU {'has' if bf16_instructions else 'lacks'} "
+          f"AVX512-bf16)")
+    print(f"  compiled over eager tokens/s: float32 {rates['compiled float32'] / rates['float32']:.2f}, bf16 "
+          f"{rates['compiled bfloat16'] / rates['bfloat16']:.2f}")
 
 
 def bench_train(directory):

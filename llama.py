@@ -157,18 +157,44 @@ class KVCache:
 
     def __init__(self, config, batch_size, max_length, device="cpu", dtype=torch.float32):
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        # plain tensors even in generate_stream's inference mode: a cache made outside it (sample.py's chat) is then of
+        # the same kind, and one compiled decode step serves both
+        with torch.inference_mode(False):
+            self.keys = torch.zeros(shape, device=device, dtype=dtype)
+            self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # tokens cached so far; Llama.forward advances it after all layers have written
 
     def update(self, layer, keys, values):
         """Append (B, n_kv_head, T, head_dim) keys/values of one layer; return all of them so far."""
-        start, end = self.length, self.length + keys.shape[2]
-        if end > self.keys.shape[3]:
-            raise ValueError(f"KV cache full: {end} tokens do not fit in max_length {self.keys.shape[3]}")
+        start, end = self.length, self.check_room(keys.shape[2])
         self.keys[layer, :, :, start:end] = keys
         self.values[layer, :, :, start:end] = values
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # (B, n_kv_head, end, head_dim)
+
+    def check_room(self, tokens):
+        """The length after `tokens` more; an error if they do not fit."""
+        end = self.length + tokens
+        if end > self.keys.shape[3]:
+            raise ValueError(f"KV cache full: {end} tokens do not fit in max_length {self.keys.shape[3]}")
+        return end
+
+
+class KVCacheSlot:
+    """A KVCache as the compiled decode step sees it (static shapes): each layer's one new key/value written at
+    `slot`, a (1,) tensor (so one compiled step serves every position), and the whole preallocated cache returned,
+    its unfilled positions left for the attention mask to hide."""
+
+    def __init__(self, cache, slot):
+        self.cache, self.slot = cache, slot
+
+    def update(self, layer, keys, values):
+        """Write (B, n_kv_head, 1, head_dim) keys/values at the slot; return (B, n_kv_head, max_length, head_dim)."""
+        # the layer as a tensor too, so this is one write in place: into cache.keys[layer], a view of an input,
+        # inductor would copy the layer's whole cache there and back. cache.keys[at] is (1, B, n_kv_head, head_dim)
+        at = (torch.full_like(self.slot, layer), slice(None), slice(None), self.slot)
+        self.cache.keys[at] = rearrange(keys, "b h 1 d -> 1 b h d")
+        self.cache.values[at] = rearrange(values, "b h 1 d -> 1 b h d")
+        return self.cache.keys[layer], self.cache.values[layer]
 
 
 def flash_varlen_runs(q):
@@ -194,6 +220,37 @@ def packed_attention(q, k, v, samples, gqa):
                      dim=2)  # (1, n_head, T, head_dim)
 
 
+def one_query_attention(q, k, v, mask):
+    """Attention of one new position per row, q (B, n_head, 1, head_dim), over keys and values (B, n_kv_head, L,
+    head_dim) where mask (B, 1, 1, L) is True, each kv head's group of query heads in one matrix product (query head
+    j reads kv head j // group). Scores in the model's dtype, softmax in float32, as transformers' eager attention.
+    On the CPU, for 2,048 keys (GQA 16/4, head_dim 64, 2 threads), SDPA's kernel under a mask took 2.0 ms in bf16
+    and 0.40 ms in float32, this 0.24-0.29 ms in either, compiled or not."""
+    groups = k.shape[1]
+    q = rearrange(q, "b (g r) 1 d -> b g r d", g=groups)  # (B, n_kv_head, group, head_dim)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, n_kv_head, group, L)
+    scores = scores.float().masked_fill(~mask, float("-inf"))  # the mask (B, 1, 1, L) over every group's rows
+    y = scores.softmax(dim=-1).to(v.dtype) @ v  # (B, n_kv_head, group, head_dim)
+    return rearrange(y, "b g r d -> b (g r) 1 d")  # (B, n_head, 1, head_dim)
+
+
+class Linear(nn.Linear):
+    """
+    nn.Linear, but in compiled code on the CPU one position per row, (B, 1, in) -> (B, 1, out) as in a decode step,
+    is a broadcast product and a sum (in float32): inductor compiles that into one vectorized pass over the weight,
+    never holding the product. The realistic shape's 17 matrices (2 threads, the AVX-512 EPYC of docs/benchmarks.md)
+    were read so at 28-31 GB/s, float32 or bf16; by F.linear at 12-16, by inductor's matrix kernels on frozen,
+    prepacked weights at 17-22; a plain read of 512 MiB ran at 33 GB/s.
+    """
+
+    def forward(self, x):
+        if torch.compiler.is_compiling() and x.shape[-2] == 1 and x.device.type == "cpu":
+            # (B, 1, 1, in) times (out, in), summed over in: (B, 1, out)
+            y = (x[..., None, :] * self.weight).sum(-1, dtype=torch.float32).to(x.dtype)
+            return y if self.bias is None else y + self.bias
+        return super().forward(x)
+
+
 class Attention(nn.Module):
     def __init__(self, config, layer_index):
         super().__init__()
@@ -201,8 +258,8 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                                       config.head_dim)
         self.split = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
-        self.qkv = nn.Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
-        self.out = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        self.qkv = Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
+        self.out = Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x, cos, sin, mask, cache, samples=None):
         qk, v = self.qkv(x).split([self.split[0] + self.split[1], self.split[2]], dim=-1)
@@ -216,6 +273,8 @@ class Attention(nn.Module):
         gqa = self.n_kv_head != self.n_head
         if samples is not None:  # a packed row: each sample attends to itself alone
             y = packed_attention(q, k, v, samples, gqa)
+        elif q.shape[2] == 1 and mask is not None:  # one new token under a mask: left padding, or the compiled step
+            y = one_query_attention(q, k, v, mask)
         else:  # no mask: causal over the new tokens, or one new token that sees every cached one
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
                                                enable_gqa=gqa)
@@ -226,8 +285,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -255,8 +314,9 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each block in backward instead of storing its activations
+        self.compiled_decode_step = None  # compile_decoding's; None: generate_stream decodes eagerly
         self.apply(self._init_weights)
         self.tie_weights()
 
@@ -344,7 +404,9 @@ class Llama(nn.Module):
         attention_mask (B, T) False on the padding. With use_cache, the prompt is run once (prefill) and each new
         token alone (decode), reading the keys/values of the past from `cache` (made here if not given; pass one to
         continue a conversation: then the prompt is only the new tokens and attention_mask, if given, covers the
-        cached ones too). Without cache, the whole sequence is recomputed at every step (the slow reference).
+        cached ones too). Without cache, the whole sequence is recomputed at every step (the slow reference). After
+        compile_decoding(), the decode steps run compiled code (the same tokens; a cache made here then spans the
+        whole context).
         """
         embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         batch, length = embeds.shape[:2]
@@ -352,8 +414,10 @@ class Llama(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(batch, past + length, dtype=torch.bool, device=embeds.device)
         attention_mask = attention_mask.bool()
-        if use_cache and cache is None:
-            cache = KVCache(self.config, batch, length + max_new_tokens, embeds.device, embeds.dtype)
+        compiled = use_cache and self.compiled_decode_step is not None
+        if use_cache and cache is None:  # compiled, it spans the whole context: one shape for every call
+            capacity = max(length + max_new_tokens, self.config.max_position_embeddings if compiled else 0)
+            cache = KVCache(self.config, batch, capacity, embeds.device, embeds.dtype)
         stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=embeds.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=embeds.device)
         token = None
@@ -363,8 +427,12 @@ class Llama(nn.Module):
         attention_mask = F.pad(attention_mask, (0, max_new_tokens), value=True)  # (B, seen + max_new_tokens)
         # each row counts positions from its first real token, so left padding does not shift them
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, seen + max_new_tokens)
-        for _ in range(max_new_tokens):
-            if use_cache:
+        if compiled:  # the compiled step's mask spans the whole cache (B, max_length), False past the call's tokens
+            cache_mask = F.pad(attention_mask, (0, cache.keys.shape[3] - attention_mask.shape[1]), value=False)
+        for step in range(max_new_tokens):
+            if compiled and step > 0:  # the prompt (prefill) stays eager; each new token goes through compiled code
+                logits = self.decode_compiled(next_input, cache_mask, cache)
+            elif use_cache:
                 logits = self(inputs_embeds=next_input, position_ids=positions[:, seen - next_input.shape[1]:seen],
                               cache=cache, attention_mask=attention_mask[:, :seen] if padded else None,
                               last_token_only=True)
@@ -381,6 +449,41 @@ class Llama(nn.Module):
             if not use_cache:
                 embeds = torch.cat([embeds, next_input], dim=1)  # (B, T + 1, D): the whole sequence again
             seen += 1
+
+    def compile_decoding(self):
+        """
+        From now on generate_stream decodes each new token (the prompt stays eager) through decode_step compiled by
+        torch.compile: static shapes, the KV cache preallocated to the whole context (max_position_embeddings), so it
+        compiles once per dtype and batch size, tens of seconds at the first call, then serves every token and call
+        (the weights stay the model's: changing them later is seen). On the CPU its matrix-vector products are
+        Linear's compiled form. Returns the model.
+        """
+        self.compiled_decode_step = torch.compile(self.decode_step, fullgraph=True, dynamic=False)
+        return self
+
+    def decode_compiled(self, embeds, cache_mask, cache):
+        """One new token per row through the compiled decode_step, written at the cache's next position, which is
+        then counted: embeds (B, 1, hidden_size) -> logits (B, 1, vocab_size)."""
+        slot = torch.tensor([cache.length], device=embeds.device)
+        cache.check_room(1)
+        logits = self.compiled_decode_step(embeds, cache_mask, cache, slot)
+        cache.length += 1
+        return logits
+
+    def decode_step(self, embeds, cache_mask, cache, slot):
+        """
+        One new token per row with static shapes, what compile_decoding compiles: embeds (B, 1, hidden_size), their
+        keys/values written at position `slot`, a (1,) tensor, of the preallocated cache; attention reads the whole
+        cache where cache_mask (B, max_length) is True, up to the slot -> logits (B, 1, vocab_size).
+        """
+        visible = cache_mask & (torch.arange(cache_mask.shape[1], device=slot.device) <= slot)  # (B, max_length)
+        # each row's position counts its real tokens only, as generate_stream's positions: left padding shifts none
+        cos, sin = self.rotary_cos_sin(visible.sum(-1, keepdim=True) - 1, embeds.dtype)  # positions (B, 1)
+        mask = visible[:, None, None, :]  # (B, 1, 1, max_length): the one query's row
+        x, cache = embeds, KVCacheSlot(cache, slot)
+        for block in self.layers:
+            x = block(x, cos, sin, mask, cache)
+        return self.head(x)
 
     def generate(self, *args, **kwargs):
         """generate_stream collected: the new tokens (B, N)."""
@@ -434,7 +537,7 @@ class Llama(nn.Module):
                         with torch.no_grad():
                             layer.weight.copy_(layer.merged_weight())
                         with torch.device("meta"):  # a shell; it takes the (merged) parameters themselves
-                            plain = nn.Linear(layer.weight.shape[1], layer.weight.shape[0], bias=layer.bias is not None)
+                            plain = Linear(layer.weight.shape[1], layer.weight.shape[0], bias=layer.bias is not None)
                         plain.weight, plain.bias = layer.weight, layer.bias
                         setattr(parent, name, plain)
 

@@ -13,6 +13,7 @@ Examples:
     python sample.py --ckpt out/stage2-lora --image photo.png                 # a LoRA run (adapters merged on load)
     python sample.py --image photo.png --temperature 0.2 --seed 7             # sampled, as LLaVA's chat demo
     python sample.py --image photo.png --threads 1 --max-new-tokens 32        # 1 thread when others load the cores
+    python sample.py --image photo.png --chat --compile                       # faster tokens after a compile
     python sample.py --hf llava-1.5-7b-hf --image photo.jpg --device cuda     # published LLaVA weights (HF layout)
     python sample.py --ckpt out/plus --image photo.png --prompt "Remove the red circle."  # LLaVA-Plus: tools run
     python sample.py --ckpt out/plus --image photo.png --chat --tools mytools.py  # with tools of your own
@@ -60,6 +61,9 @@ class SampleConfig(ask.ModelFlags):
     top_p: float = 1.0  # nucleus sampling threshold (1.0: off)
     seed: int = 1337  # of the sampling generator
     batch_size: int = 32  # images per generate call
+    compile: bool = False  # decode each new token through code compiled by torch.compile (Llama.compile_decoding):
+                           # the same tokens, faster per token; compiling costs tens of seconds once (again for
+                           # each new batch size), so it pays on long answers and chats, not on one short answer
     # LLaVA-Plus: a reply that names a tool (plus.py) has it run on the --image and gets its output back as a new turn
     tools: list[str] = field(default_factory=list)  # Python files of your own tools (functions registered with
                                                     # @plus.tool("name")), besides detector, segmenter and editor
@@ -80,6 +84,8 @@ def main(argv=None):
         if config.chat or not images:
             ask.refuse_captioner(config, path, "--chat" if config.chat else "a --prompt without --image")
         model, tokenizer = ask.load(config, path)
+        if config.compile:
+            model.llm.compile_decoding()
         generator = torch.Generator(device=model.llm.embed_tokens.weight.device).manual_seed(config.seed)
         sampling = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, generator=generator)
         pixel_values = ask.to_pixels(model, images) if images else None  # None: text only, as some LLaVA records

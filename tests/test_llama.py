@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import llama
 from helpers import assert_bf16_parity, randomize
-from llama import Llama, LlamaConfig, next_token_probabilities, sample_next_token
+from llama import KVCache, Llama, LlamaConfig, next_token_probabilities, sample_next_token
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
@@ -118,6 +118,14 @@ def test_greedy_32_tokens_cached_equals_uncached_equals_transformers_generate(tm
     assert torch.equal(cached, expected)
 
 
+def counting_compiled_steps(model):
+    """compile_decoding() on model; returns the list that gets an entry per call of its compiled decode step."""
+    model.compile_decoding()
+    calls, step = [], model.compiled_decode_step
+    model.compiled_decode_step = lambda *args: calls.append(1) or step(*args)
+    return calls
+
+
 def record_sampled_logits(monkeypatch):
     """The logits every generation step samples from, (B, vocab) per step, as generate_stream hands them over."""
     steps = []
@@ -129,9 +137,11 @@ def record_sampled_logits(monkeypatch):
     return steps
 
 
-def test_left_padded_batch_has_at_every_step_the_logits_of_each_prompt_alone(tmp_path, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_left_padded_batch_has_at_every_step_the_logits_of_each_prompt_alone(tmp_path, monkeypatch, compiled):
     _, path = make_hf_llama(tmp_path, "gqa_tied_theta5e5", seed=4)
     ours = Llama.from_pretrained(path).eval()
+    calls = counting_compiled_steps(ours) if compiled else []
     generator = torch.Generator().manual_seed(5)
     short, long = (torch.randint(3, 128, (1, n), generator=generator) for n in (5, 12))
     batch = torch.cat([torch.cat([torch.zeros(1, 7, dtype=torch.long), short], 1), long])  # left-padded
@@ -148,6 +158,29 @@ def test_left_padded_batch_has_at_every_step_the_logits_of_each_prompt_alone(tmp
     steps.clear()
     assert torch.equal(together, ours.generate(batch, attention_mask=mask, max_new_tokens=10, use_cache=False))
     assert (torch.stack(steps, 1) - batched).abs().max() <= 1e-5  # the uncached reference, at every step too
+    assert len(calls) == (3 * 9 if compiled else 0)  # compiled: each token after the prefill's, batched and alone
+
+
+@pytest.mark.parametrize("name", ["gqa_tied_theta5e5", "gqa_biases_headdim"])
+def test_compiled_decoding_gives_eager_and_transformers_greedy_tokens_and_compiles_once(tmp_path, name):
+    theirs, path = make_hf_llama(tmp_path, name, seed=3)
+    eager, compiled = Llama.from_pretrained(path).eval(), Llama.from_pretrained(path).eval()
+    calls = counting_compiled_steps(compiled)
+    prompt = torch.randint(3, 128, (1, 11), generator=torch.Generator().manual_seed(2))
+    theirs.generation_config.eos_token_id = None  # generate(eos_token_id=None) would not turn EOS off
+    expected = theirs.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32)[:, prompt.shape[1]:]
+    assert torch.equal(eager.generate(prompt, max_new_tokens=32), expected)
+    assert torch.equal(compiled.generate(prompt, max_new_tokens=32), expected)
+    assert len(calls) == 31  # every token after the prefill's
+    # the same compiled code for another prompt and answer length, and for a conversation going on in a cache
+    with torch.compiler.set_stance("fail_on_recompile"):
+        turns = {}
+        for model in (eager, compiled):
+            cache = KVCache(model.config, 1, model.config.max_position_embeddings)
+            turns[model] = [model.generate(prompt[:, :4], max_new_tokens=9, cache=cache),
+                            model.generate(prompt[:, 4:], max_new_tokens=20, cache=cache)]
+    assert all(torch.equal(ours, reference) for ours, reference in zip(turns[compiled], turns[eager]))
+    assert len(calls) == 31 + 8 + 19
 
 
 LOGITS = [1.0, 3.0, 2.0, 0.0, -1.0]  # token 1 most likely, then 2, 0, 3, 4

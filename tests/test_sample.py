@@ -15,6 +15,7 @@ import flags
 import sample
 import tinyllava
 from data import load_image, process_image
+from llama import Llama
 from tinyllava import IMAGE_TOKEN_INDEX, TinyLLaVA
 from tiny_llava import (BOS, CONTEXT, EOS, FOLLOW_UP, HF_IMAGE_TOKEN, NUM_IMAGE_TOKENS, QUESTION, REPO, SYSTEM,
                         our_answer, tiny_llava, until_stop, vicuna_ids)
@@ -151,6 +152,27 @@ def test_chat_second_turn_prefills_only_new_tokens_and_answers_as_the_whole_conv
                      stdin=f"{QUESTION}\n{FOLLOW_UP}\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout == printed.getvalue()
+
+def test_compile_gives_the_chat_without_it_each_new_token_from_compiled_code(tiny, capsys, monkeypatch):
+    steps = []  # a call of the compiled decode step each
+    compile_decoding = Llama.compile_decoding
+
+    def counting(llm):
+        compile_decoding(llm)
+        step = llm.compiled_decode_step
+        llm.compiled_decode_step = lambda *args: steps.append(1) or step(*args)
+    monkeypatch.setattr(Llama, "compile_decoding", counting)
+    printed = []
+    for compiled in ([], ["--compile"]):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTION}\n{FOLLOW_UP}\n"))
+        args = ["--ckpt", tiny.ckpt, "--image", tiny.images[0], "--chat", "--max_new_tokens", "12"]
+        assert sample.main(args + compiled) is None
+        printed.append(capsys.readouterr().out)
+    answers = printed[0].splitlines()
+    assert len(answers) == 2 and all(len(answer) > 3 for answer in answers), answers
+    assert printed[1] == printed[0]
+    assert len(steps) >= 2  # in each turn, the tokens after the prefill's
+
 
 def test_an_answer_left_midway_is_kept_as_one_cut_short_and_a_question_too_long_changes_nothing(tiny):
     """demo.py stops reading an answer when its client goes: the conversation goes on as if the answer had been cut
