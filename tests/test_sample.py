@@ -153,6 +153,7 @@ def test_chat_second_turn_prefills_only_new_tokens_and_answers_as_the_whole_conv
     assert result.returncode == 0, result.stderr
     assert result.stdout == printed.getvalue()
 
+
 def test_compile_gives_the_chat_without_it_each_new_token_from_compiled_code(tiny, capsys, monkeypatch):
     steps = []  # a call of the compiled decode step each
     compile_decoding = Llama.compile_decoding
