@@ -12,6 +12,7 @@ over interleaved rounds (ours, theirs, ours, theirs, ...), never a bare time.
 Peak memory on the CPU is the rise of the process's peak resident memory during one step (Linux VmHWM, reset just
 before it); the script re-runs itself with glibc returning large blocks to the system, so freed memory shows.
 """
+import dataclasses
 import json
 import math
 import os
@@ -380,12 +381,13 @@ def bench_pack(directory):
     """
     train.py's step on padded micro-batches against the same micro-batches packed (--pack: one row, each sample to
     itself), at the realistic shape, on a LLaVA-665K-like mix of lengths (llava_665k_like_lengths): an epoch of 2,000
-    samples in micro-batches of 8, in group_by_modality_length's order and in the exact (shuffled) order; the first
-    3 micro-batches of each, each padded and packed, interleaved. Useful tokens: the samples' own (no padding).
+    samples in micro-batches of 8, in the exact (shuffled) order and in group_by_modality_length's (LLaVA's rule at
+    LLaVA-1.5's global batch of 128: 16 micro-batches a step, as 8 processes x 2 accumulation steps deal them); 3
+    micro-batches of each order drawn at random, each padded and packed, interleaved. Useful tokens: the samples' own.
     """
     import numpy as np
     import train
-    from data import Collator, ModalityLengthGroupedSampler
+    from data import Collator
     torch.manual_seed(0)
     paths = os.path.join(directory, "vision"), os.path.join(directory, "llama")
     transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)).save_pretrained(paths[0])
@@ -396,16 +398,21 @@ def bench_pack(directory):
     optimizer = train.make_optimizer(model, config)
     image_tokens, rng = model.num_image_tokens, np.random.default_rng(0)
     tokens, words = llava_665k_like_lengths(2000, image_tokens, rng)
-    orders = {"group_by_modality_length": list(ModalityLengthGroupedSampler(words, config.batch_size)),
-              "exact order": [step[0] for step in train.epoch_plan(words, config, 0, 1, train.Runtime())]}
-    fills = {order: sum(tokens[i] for b in batches for i in b) / sum(len(b) * max(tokens[i] for i in b)
-                                                                     for b in batches)
-             for order, batches in orders.items()}
+    grouped = dataclasses.replace(config, group_by_modality_length=True, global_batch_size=128)
+    orders = {order: [micro for step in train.epoch_plan(words, plan_config, 0, plan_config.global_batch_size // 8,
+                                                         train.Runtime()) for micro in step if micro]
+              for order, plan_config in (("group_by_modality_length", grouped), ("exact order", config))}
+
+    def useful_share(batches):
+        return sum(tokens[i] for b in batches for i in b) / sum(len(b) * max(tokens[i] for i in b) for b in batches)
+    measured = {order: [batches[k] for k in sorted(rng.choice(len(batches), 3, replace=False))]
+                for order, batches in orders.items()}
     print(f"realistic shape ({image_tokens} image tokens); LLaVA-665K-like lengths: mean {np.mean(tokens):.0f}, median "
           f"{np.median(tokens):.0f}, 99th percentile {np.percentile(tokens, 99):.0f}, longest {max(tokens)} tokens; "
           f"micro-batches of {config.batch_size}; {torch.get_num_threads()} threads")
-    print("  useful share of the padded tokens over the epoch: " + ", ".join(
-        f"{order} {fill:.3f}" for order, fill in fills.items()))
+    print("  useful share of the padded tokens over the epoch (in the 3 micro-batches measured): " + ", ".join(
+        f"{order} {useful_share(batches):.3f} ({useful_share(measured[order]):.3f})"
+        for order, batches in orders.items()))
 
     def sample(index):
         """Random text of the sample's length, the image after 8 tokens, the loss on the second half of the text."""
@@ -418,9 +425,9 @@ def bench_pack(directory):
         pixels = torch.randn(3, VISION["image_size"], VISION["image_size"]) if words[index] > 0 else None
         return dict(id=str(index), input_ids=ids, labels=labels, pixel_values=pixels)
     steps, useful = {}, {}
-    for order, batches in orders.items():
+    for order, batches in measured.items():
         for pack in (False, True):
-            collated = [Collator(0, 2048, image_tokens, pack)([sample(i) for i in b]) for b in batches[:3]]
+            collated = [Collator(0, 2048, image_tokens, pack)([sample(i) for i in b]) for b in batches]
             useful[order, pack] = [sum(train.sequence_lengths(batch, image_tokens)) for batch in collated]
             steps[order, pack] = [lambda batch=batch: train.train_step(model, optimizer, [batch], 2e-5,
                                                                        train.Runtime()) for batch in collated]

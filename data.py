@@ -515,44 +515,43 @@ class Collator:
         return batch
 
 
-class ModalityLengthGroupedSampler:
-    """Batch sampler after LLaVA's group_by_modality_length: image samples (length > 0) and text-only samples
-    (length < 0) never share a batch. Each modality is shuffled, cut into megabatches of megabatch_mult steps, sorted
-    by length inside each, and cut into steps of num_replicas batches of similar length, one per rank; then the steps
-    of both modalities are shuffled together. Every rank yields the same number of batches, disjoint from the other
-    ranks' (a modality's last step is split evenly; with fewer samples than ranks it repeats some)."""
+def modality_length_grouped_order(lengths, batch_size, chunks, rng):
+    """
+    One epoch in LLaVA's group_by_modality_length order (its llava_trainer.py): a list of sample indices whose
+    consecutive blocks of chunks * batch_size are the global batches of the steps, each block `chunks` micro-batches
+    of batch_size in a row (chunks: processes x gradient accumulation; micro-batch k of a step goes to process
+    k % processes, as LLaVA's sharded loader deals them).
 
-    def __init__(self, lengths, batch_size, seed=0, num_replicas=1, rank=0, megabatch_mult=50):
-        assert 0 <= rank < num_replicas, f"rank {rank} not in [0, {num_replicas})"
-        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
-        self.num_replicas, self.rank, self.megabatch_mult, self.epoch = num_replicas, rank, megabatch_mult, 0
+    Image samples (length > 0) and text-only ones (length < 0) are shuffled apart and cut into global batches; each
+    global batch is sorted longest first and dealt into its micro-batches so their total lengths come out even (each
+    sample to the lightest micro-batch not yet full): the processes get even work, while the lengths inside a
+    micro-batch stay mixed (padding remains). The full global batches of both modalities are shuffled together; the
+    last (or only partial) global batch of each modality goes into one mixed remainder, which leads the epoch where
+    it fills a global batch and ends it otherwise.
+    """
+    global_batch = chunks * batch_size
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def deal(batch):  # micro-batches of even total length (LLaVA's split_to_even_chunks)
+        if len(batch) % chunks:
+            return [batch[k::chunks] for k in range(chunks)]
+        dealt, totals = [[] for _ in range(chunks)], [0.0] * chunks
+        for i in batch:
+            lightest = totals.index(min(totals))
+            dealt[lightest].append(i)
+            totals[lightest] = totals[lightest] + abs(lengths[i]) if len(dealt[lightest]) < len(batch) // chunks \
+                else float("inf")  # full: takes no more
+        return dealt
 
-    def _steps(self):
-        rng = random.Random(f"{self.seed}:{self.epoch}")  # the same on every rank
-        step_size = self.batch_size * self.num_replicas
-        steps = []
-        for modality in (lambda length: length > 0, lambda length: length < 0):
-            indices = [i for i, length in enumerate(self.lengths) if modality(length)]
-            rng.shuffle(indices)
-            for start in range(0, len(indices), step_size * self.megabatch_mult):
-                megabatch = sorted(indices[start:start + step_size * self.megabatch_mult],
-                                   key=lambda i: -abs(self.lengths[i]))
-                for step_start in range(0, len(megabatch), step_size):
-                    step = megabatch[step_start:step_start + step_size]
-                    if len(step) < self.num_replicas:  # too few to give every rank one: repeat some
-                        step = (step * self.num_replicas)[:self.num_replicas]
-                    steps.append([list(part) for part in np.array_split(step, self.num_replicas)])
-        rng.shuffle(steps)
-        return steps
-
-    def __iter__(self):
-        for step in self._steps():
-            yield [int(i) for i in step[self.rank]]
-
-    def __len__(self):
-        step_size = self.batch_size * self.num_replicas
-        counts = (sum(length > 0 for length in self.lengths), sum(length < 0 for length in self.lengths))
-        return sum(-(-count // step_size) for count in counts)
+    def global_batches(indices):
+        indices = [indices[k] for k in rng.permutation(len(indices))]
+        sorted_batches = [sorted(indices[start:start + global_batch], key=lambda i: -abs(lengths[i]))
+                          for start in range(0, len(indices), global_batch)]
+        return [[i for micro_batch in deal(batch) for i in micro_batch] for batch in sorted_batches]
+    image = global_batches([i for i, length in enumerate(lengths) if length > 0])
+    text = global_batches([i for i, length in enumerate(lengths) if length < 0])
+    remainder = (image.pop() if image else []) + (text.pop() if text else [])
+    batches = image + text
+    batches = [batches[k] for k in rng.permutation(len(batches))]
+    if len(remainder) >= global_batch:
+        batches, remainder = [remainder[:global_batch]] + batches, remainder[global_batch:]
+    return [int(i) for batch in batches + [remainder] for i in batch]

@@ -43,7 +43,7 @@ import checkpoints
 import flags
 import progress
 import world
-from data import Collator, LLaVADataset, ModalityLengthGroupedSampler
+from data import Collator, LLaVADataset, modality_length_grouped_order
 from llama import lora_targets
 from runtime import GracefulStop, Runtime, all_reduce_sum, end_processes, start_processes, unwrap, wrap
 from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TinyLLaVA, TinyLLaVAConfig
@@ -78,7 +78,7 @@ class TrainConfig:
     max_bad_fraction: float = 0.01  # stop once more than this share of the records is bad (malformed, an
                                     # unreadable image, or no answer left within max_length); each is reported
                                     # and skipped
-    group_by_modality_length: bool = False  # LLaVA's length-grouped batches: faster, but not the exact order
+    group_by_modality_length: bool = False  # LLaVA's order: modalities apart, a step's micro-batches even in words
     pack: bool = True  # a micro-batch is one row of its samples end to end, each kept to itself (false: padded rows)
     # optimization
     epochs: int | None = None  # passes over the data; they set the schedule's length unless --max_steps does
@@ -226,14 +226,17 @@ def epoch_plan(lengths, config, epoch, grad_accum, runtime):
     global_batch_size samples of it, cut into world_size contiguous shares, rank r taking share r, cut in turn into
     grad_accum micro-batches. Any (world_size, batch_size) with the same global batch sees the same samples per step.
     The last step of an epoch may be short (its micro-batches short or empty). group_by_modality_length: LLaVA's
-    length-grouped order (data.ModalityLengthGroupedSampler), grad_accum of its batches per step.
+    length-grouped order (data.modality_length_grouped_order), its global batches of world_size x grad_accum
+    micro-batches dealt to the processes in turn (micro-batch k to rank k % world_size).
     """
     if config.group_by_modality_length:
-        sampler = ModalityLengthGroupedSampler(lengths, config.batch_size, config.seed, runtime.world_size,
-                                               runtime.rank)
-        sampler.set_epoch(epoch)
-        batches = list(sampler)
-        return [batches[start:start + grad_accum] for start in range(0, len(batches), grad_accum)]
+        chunks = runtime.world_size * grad_accum
+        order = modality_length_grouped_order(lengths, config.batch_size, chunks,
+                                              np.random.default_rng([config.seed, epoch]))
+        micro_batches = [order[start:start + config.batch_size] for start in range(0, len(order), config.batch_size)]
+        steps = [micro_batches[start:start + chunks] for start in range(0, len(micro_batches), chunks)]
+        return [[step[k] if k < len(step) else [] for k in range(runtime.rank, chunks, runtime.world_size)]
+                for step in steps]
     order = np.random.default_rng([config.seed, epoch]).permutation(len(lengths))
     share = config.batch_size * grad_accum
     plan = []

@@ -10,8 +10,8 @@ from PIL import Image
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from data import (BRIEF_DESCRIPTION_QUESTIONS, CLIP_MEAN, CLIP_STD, Collator, ImageError, LLaVADataset,
-                  ModalityLengthGroupedSampler, caption_records, encode_conversation, encode_prompt, image_settings,
-                  load_image, process_image, render_conversation, stop_token_ids)
+                  caption_records, encode_conversation, encode_prompt, image_settings, load_image,
+                  modality_length_grouped_order, process_image, render_conversation, stop_token_ids)
 from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -529,23 +529,35 @@ def test_truncation_counts_image_tokens_keeps_labels_exact_and_never_cuts_an_ima
         assert len(batch["input_ids"][0]) + num_image_tokens - 1 <= max_length
 
 
-def test_sampler_separates_modalities_groups_lengths_and_splits_ranks_evenly():
+class Unshuffled:
+    """A stand-in for numpy's Generator whose permutations leave everything in place, to work an order out by hand."""
+
+    def permutation(self, n):
+        return np.arange(n)
+
+
+def test_modality_length_grouped_order_is_llavas_worked_out_by_hand():
+    # LLaVA's rule (llava_trainer.py), unshuffled, 2 micro-batches of 2 per global batch. Image samples 0-7, text 8-10.
+    lengths = [5, 9, 1, 7, 3, 8, 2, 6, -4, -10, -2]
+    # image global batch [0 1 2 3] longest first is 1(9) 3(7) 0(5) 2(1), dealt each to the lighter micro-batch not yet
+    # full: 1 -> a (9), 3 -> b (7), 0 -> b (12, full), 2 -> a: [1 2] [3 0]. [4 5 6 7]: 5(8) 7(6) 4(3) 6(2): [5 6] [7 4].
+    # Text [8 9 10] does not split evenly in 2: every 2nd of 9(10) 8(4) 10(2), [9 10] [8]. The last global batch of
+    # each modality makes the remainder [5 6 7 4 9 10 8]: its first 4 lead the epoch, the rest ends it.
+    assert modality_length_grouped_order(lengths, 2, 2, Unshuffled()) == [5, 6, 7, 4, 1, 2, 3, 0, 9, 10, 8]
+    # one micro-batch per global batch (one process, no accumulation): each modality's samples sorted, longest first,
+    # image [0 2 1] and text [4 3] both short of a global batch of 4: the remainder [0 2 1 4 3] leads with 4 of them
+    assert modality_length_grouped_order([3, 1, 2, -1, -5], 4, 1, Unshuffled()) == [0, 2, 1, 4, 3]
+
+
+def test_modality_length_grouped_order_covers_the_epoch_with_even_micro_batches():
     rng = random.Random(0)
     lengths = [rng.randint(1, 300) for _ in range(1000)] + [-rng.randint(1, 300) for _ in range(333)]
-    batch_size, replicas = 4, 3
-    samplers = [ModalityLengthGroupedSampler(lengths, batch_size, seed=0, num_replicas=replicas, rank=r)
-                for r in range(replicas)]
-    per_rank = [list(sampler) for sampler in samplers]
-    assert {len(batches) for batches in per_rank} == {len(samplers[0])}
-    seen = [i for batches in per_rank for batch in batches for i in batch]
-    assert sorted(seen) == list(range(len(lengths)))  # disjoint shares covering every sample once
-    for batches in per_rank:
-        for batch in batches:
-            assert len({lengths[i] > 0 for i in batch}) == 1 and 1 <= len(batch) <= batch_size
-    spread = np.mean([np.ptp([abs(lengths[i]) for i in batch]) for batch in per_rank[0]])
-    assert spread < 20  # random batches of 4 from 1..300 spread by about 150
-    assert per_rank[0] == list(samplers[0])
-    samplers[0].set_epoch(1)
-    assert list(samplers[0]) != per_rank[0]
-    tiny = [list(ModalityLengthGroupedSampler([5, 6, -7], 4, num_replicas=2, rank=r)) for r in range(2)]
-    assert len(tiny[0]) == len(tiny[1]) == 2  # one image step and one text step, each rank gets a batch of both
+    batch_size, chunks = 4, 6
+    order = modality_length_grouped_order(lengths, batch_size, chunks, np.random.default_rng(0))
+    assert sorted(order) == list(range(len(lengths)))  # every sample once
+    global_batches = [order[start:start + batch_size * chunks] for start in range(0, len(order), batch_size * chunks)]
+    for batch in global_batches[1:-1]:  # the full ones of one modality: micro-batches of even total length
+        assert len({lengths[i] > 0 for i in batch}) == 1
+        totals = [sum(abs(lengths[i]) for i in batch[k:k + batch_size]) for k in range(0, len(batch), batch_size)]
+        assert max(totals) - min(totals) <= 300
+    assert order != modality_length_grouped_order(lengths, batch_size, chunks, np.random.default_rng(1))
