@@ -561,15 +561,21 @@ def plot_font():
         return ImageFont.load_default()
 
 
-def plot_curves(logs, png, curve="accuracy", size=(720, 440), margin=60):
+def plot_curves(logs, png, curve="accuracy"):
     """One curve of each log.jsonl (step on x; accuracy from 0 to 1, or a loss from 0 to its largest value, on y),
     drawn into a PNG."""
+    curves = [read_curve(path, curve) for path in logs]
+    top = 1.0 if curve == "accuracy" else max(value for _, points in curves for _, value in points) * 1.05
+    draw_curves(curves, png, CURVES[curve], top)
+
+
+def draw_curves(curves, png, title, top, size=(720, 440), margin=60):
+    """Curves [(label, [(step, value)])] into a PNG: the step on x, the value from 0 to `top` on y, the legend (each
+    curve's last point) above."""
     from PIL import Image, ImageDraw
     font = plot_font()
-    curves = [read_curve(path, curve) for path in logs]
     width, height = size
     last = max(step for _, points in curves for step, _ in points) or 1
-    top = 1.0 if curve == "accuracy" else max(value for _, points in curves for _, value in points) * 1.05
     above = 36 + 16 * len(curves)  # the title and the legend, one line per run, above the plot
     to_xy = lambda step, value: (margin + (width - 2 * margin) * step / last,
                                  height - margin - (height - margin - above) * value / top)
@@ -585,7 +591,7 @@ def plot_curves(logs, png, curve="accuracy", size=(720, 440), margin=60):
         x, y = to_xy(step, 0)
         draw.text((x - 10, y + 8), str(step), fill="black", font=font)
     draw.text((width // 2 - 50, height - 25), "optimizer step", fill="black", font=font)
-    draw.text((margin, 10), CURVES[curve], fill="black", font=font)
+    draw.text((margin, 10), title, fill="black", font=font)
     colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
     for k, (label, points) in enumerate(curves):
         color = colors[k % len(colors)]
