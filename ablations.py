@@ -4,7 +4,7 @@ scored by evaluate.py or llava_bench.py; this script only orchestrates them and 
 
     python ablations.py                      # every table into docs/ablations.md (and docs/ablations_sqa.png)
     python ablations.py --tables format      # one table: LLaVA-1.5's response-format prompt
-    python ablations.py --seeds 3 --jobs 2   # each stage-2 row with seeds 0, 1, 2; two runs side by side
+    python ablations.py --seeds 3 --jobs 2   # every stage-2 row with seeds 0, 1, 2; two runs side by side
 
 The tables (the papers' figures beside ours):
     data    LLaVA Table 4: stage 2 on the world's conversations only, on its detailed descriptions and complex
@@ -37,7 +37,7 @@ import plus
 import weights
 import world
 
-USAGE = "python ablations.py [--tables data format sqa] [--seeds N] [--jobs N] [--out_dir DIR] [--docs DIR]"
+USAGE = "python ablations.py [--tables data format sqa] [--seeds N] [--data_seeds N] [--jobs N] [--out_dir DIR]"
 PY = sys.executable
 TABLES = ("data", "format", "sqa")
 CATEGORIES = ("conv", "detail", "complex", "all")  # LLaVA-Bench's, then all questions
@@ -48,7 +48,8 @@ INSTRUCT_KINDS = ("conversation", "description+reasoning", "conversation+descrip
 class AblationsConfig:
     # what runs: the tables, and how many seeds of each stage-2 row
     tables: list[str] = field(default_factory=lambda: list(TABLES))  # which tables (data, format, sqa); see above
-    seeds: int = 1  # seeds of each stage-2 row (0, 1, ...): its figures' mean and spread (stage 1 is seed 0's)
+    seeds: int = 1  # seeds of each stage-2 row (0, 1, ...): its figures' mean and range (stage 1 is seed 0's)
+    data_seeds: int = 3  # seeds of LLaVA Table 4's rows, whose differences are small (one seed: 0.4 to 5 points)
     steps: int = 300  # stage 2's optimizer steps in every row but the answer-order ones (the default's 300)
     order_every: int = 100  # the answer-order runs: scored after this many steps, 4 times (docs/evaluation.md: 400)
     stage1_steps: int = 0  # stage 1's optimizer steps (0: its epoch, as the default recipe; fewer for a quick look)
@@ -72,7 +73,7 @@ def main(argv=None):
         if given is None:  # --help
             return
         config = AblationsConfig(**given)
-        flags.at_least(config, 1, "seeds", "steps", "jobs", "order_every")
+        flags.at_least(config, 1, "seeds", "data_seeds", "steps", "jobs", "order_every")
         flags.at_least(config, 0, "stage1_steps")
         unknown = set(config.tables) - set(TABLES)
         if unknown:
@@ -113,12 +114,12 @@ def plan(config, directory, tables):
     runs = {"stage1": Run([train("stage1", *stage1)])}
     stage2 = ("--stage", "2", "--init", f"{out}/stage1", "--max_steps", str(config.steps))
     world_data = lambda path: ("--data_path", path, "--image_folder", directory)
+    for seed in range(config.data_seeds if "data" in tables else 0):
+        for kinds in INSTRUCT_KINDS:
+            name = f"data_{kinds.replace('+', '_')}_s{seed}"
+            runs[name] = Run([train(name, *stage2, *world_data(f"{out}/data/{kinds}.json"), seed=seed),
+                              llava_bench(name)], ("stage1",), ((1, "llava_bench"),))
     for seed in range(config.seeds):
-        if "data" in tables:
-            for kinds in INSTRUCT_KINDS:
-                name = f"data_{kinds.replace('+', '_')}_s{seed}"
-                runs[name] = Run([train(name, *stage2, *world_data(f"{out}/data/{kinds}.json"), seed=seed),
-                                  llava_bench(name)], ("stage1",), ((1, "llava_bench"),))
         if "format" in tables or "sqa" in tables:  # the default recipe: both tables' reference row
             name = f"default_s{seed}"
             runs[name] = Run([train(name, *stage2, seed=seed), sentence(name), *answered(name, directory, "vqa",
@@ -243,12 +244,17 @@ def run_one(name, run, config, again):
 
 def read_back(name, run, config):
     """The figures of an earlier run of the row that finished with the same commands, else None."""
+    done = done_record(config, name)
+    return done["figures"] if done.get("commands") == [shown(command) for command in run.commands] else None
+
+
+def done_record(config, name):
+    """What a finished run left in its done.json (commands, figures, seconds), or {}."""
     try:
         with open(os.path.join(config.out_dir, name, "done.json")) as f:
-            done = json.load(f)
+            return json.load(f)
     except (OSError, json.JSONDecodeError):
-        return None
-    return done["figures"] if done.get("commands") == [shown(command) for command in run.commands] else None
+        return {}
 
 
 def shown(command):
@@ -280,7 +286,8 @@ def write_docs(config, figures, ran, seconds):
     """docs/ablations.md: each table, its rows' figures where they ran (a missing row says how to run it), with the
     papers' figures beside them; docs/ablations_sqa.png: the answer-order curves."""
     def cell(row, kind, key, digits=3):  # the mean over the seeds (and their range), or "-" where a seed is missing
-        values = [(figures.get(f"{row}_s{seed}") or {}).get(kind, {}).get(key) for seed in range(config.seeds)]
+        seeds = config.data_seeds if row.startswith("data_") else config.seeds
+        values = [(figures.get(f"{row}_s{seed}") or {}).get(kind, {}).get(key) for seed in range(seeds)]
         if None in values:
             return "-"
         mean = sum(values) / len(values)
@@ -288,14 +295,18 @@ def write_docs(config, figures, ran, seconds):
         return f"{mean:.{digits}f}{spread}"
     command = " ".join(["python ablations.py"] + sys.argv[1:])
     os.makedirs(config.docs, exist_ok=True)
+    finished = [name for name, figure in figures.items() if figure]
+    run_time = sum(done_record(config, name).get("seconds", 0) for name in finished)
+    ran_here = f"{len(ran)} runs in {seconds / 60:.0f} min" if ran else "no run"
+    read_back_here = f", {len(finished) - len(ran)} read back from earlier calls" if len(finished) > len(ran) else ""
     lines = ["# Ablations in miniature", "", "Back to the [README](../README.md).", "",
              f"Written by `{command}` on {cpu_name()}, {os.cpu_count()} cores, {config.jobs} run(s) side by side: "
-             f"{len(ran)} of its {len(figures)} runs ran in this call, in {seconds / 60:.0f} min (the others were read "
-             "back from earlier calls). Stage 2 runs "
-             f"{config.steps} steps from the same stage 1 in every row but the answer-order ones, with "
-             f"{config.seeds} seed(s)" + (": the mean, then the lowest and the highest" if config.seeds > 1 else "")
-             + f". A cell is \"-\" where its run has not finished. What each row ran and printed: "
-             f"`{config.out_dir}/<row>/` (done.json holds the commands and how long they took).", ""]
+             f"{ran_here}{read_back_here}; the {len(finished)} runs' own times add up to {run_time / 60:.0f} min, "
+             f"about {run_time / 60 / config.jobs:.0f} min {config.jobs} at a time. Stage 2 runs {config.steps} steps "
+             f"from the same stage 1 in every row but the answer-order ones, with {config.seeds} seed(s), LLaVA Table "
+             f"4's rows with {config.data_seeds}; over several seeds a cell gives the mean, then the lowest and the "
+             "highest. A cell is \"-\" where its run has not finished. What each row ran and printed: "
+             f"`{config.out_dir}/<row>/` (done.json: the commands and how long they took).", ""]
     lines += data_table(cell, figures) + format_table(cell) + sqa_table(cell, figures, config)
     path = os.path.join(config.docs, "ablations.md")
 

@@ -23,8 +23,9 @@ def config(tmp_path, **changes):
 
 
 def test_every_command_is_one_its_script_accepts_and_starts_from_a_run_before_it(tmp_path):
-    runs = ablations.plan(config(tmp_path, seeds=2), "W", ablations.TABLES)
-    assert {"stage1", "default_s1", "no_instruction_tuning", "order_answer_first", "last_layer_s1"} <= set(runs)
+    runs = ablations.plan(config(tmp_path, seeds=2, data_seeds=3), "W", ablations.TABLES)
+    assert {"stage1", "default_s1", "no_instruction_tuning", "order_answer_first", "last_layer_s1",
+            "data_conversation_s2"} <= set(runs) and "default_s2" not in runs
     out = str(tmp_path / "out")
     for name, run in runs.items():
         assert run.commands[0][0] == sys.executable
@@ -120,7 +121,7 @@ def test_runs_wait_for_what_they_start_from_finished_runs_are_read_back_and_a_fa
 
 
 def test_the_tables_give_each_rows_mean_and_range_over_the_seeds_and_a_dash_where_a_run_is_missing(tmp_path):
-    settings = config(tmp_path, seeds=2, tables=["format"])
+    settings = config(tmp_path, seeds=2, data_seeds=3, tables=["format"])
     figures = {"default_s0": {"sentence": {"accuracy": 0.9}, "vqa": {"accuracy": 0.5}},
                "default_s1": {"sentence": {"accuracy": 0.8}, "vqa": {"accuracy": 0.7}},
                "without_format_prompt_s0": {"sentence": {"accuracy": 0.4}, "vqa": {"accuracy": 0.1}},
@@ -130,4 +131,4 @@ def test_the_tables_give_each_rows_mean_and_range_over_the_seeds_and_a_dash_wher
     assert "| with the prompt (the default) | 0.600 (0.500-0.700) | 0.850 (0.800-0.900) |" in text
     assert "| without it | - | - |" in text
     assert "| conversation | - | - | - | - | 73.8 |" in text  # the data table's rows never ran
-    assert "1 of its 4 runs ran in this call, in 1 min" in text
+    assert "1 runs in 1 min, 2 read back from earlier calls" in text
