@@ -84,7 +84,7 @@ def main(argv=None):
         for name, run in plan(config, directory, TABLES).items():  # the other tables' rows, where they finished
             if name not in figures:  # (on a run that did not run again since)
                 figures[name] = None if ran & set(run.after) else read_back(name, run, config)
-        write_docs(config, figures, ran, time.time() - started)
+        write_docs(config, directory, figures, ran, time.time() - started)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -282,7 +282,7 @@ def read_figures(kind, text, path):
 # The tables: docs/ablations.md and the answer-order curve
 
 
-def write_docs(config, figures, ran, seconds):
+def write_docs(config, directory, figures, ran, seconds):
     """docs/ablations.md: each table, its rows' figures where they ran (a missing row says how to run it), with the
     papers' figures beside them; docs/ablations_sqa.png: the answer-order curves."""
     def cell(row, kind, key, digits=3):  # the mean over the seeds (and their range), or "-" where a seed is missing
@@ -307,7 +307,7 @@ def write_docs(config, figures, ran, seconds):
              f"4's rows with {config.data_seeds}; over several seeds a cell gives the mean, then the lowest and the "
              "highest. A cell is \"-\" where its run has not finished. What each row ran and printed: "
              f"`{config.out_dir}/<row>/` (done.json: the commands and how long they took).", ""]
-    lines += data_table(cell, figures) + format_table(cell) + sqa_table(cell, figures, config)
+    lines += data_table(cell, figures) + format_table(cell) + sqa_table(cell, figures, config, directory)
     path = os.path.join(config.docs, "ablations.md")
 
     def write(tmp_path):
@@ -349,11 +349,15 @@ def format_table(cell):
             f"{cell('without_format_prompt', 'sentence', 'accuracy')} |", ""]
 
 
-def sqa_table(cell, figures, config):
+def sqa_table(cell, figures, config, directory):
     """LLaVA Table 7 on shapes-SQA: the vision layer, stage 1, and the answer order against the step (and its PNG)."""
+    with open(os.path.join(directory, "shapes_sqa.jsonl")) as f:
+        options = [len(re.findall(r"^[A-Z]\. ", json.loads(line)["text"], flags=re.M)) for line in f]
+    chance = sum(1 / n for n in options) / len(options)
     lines = ["## LLaVA Table 7 on shapes-SQA", "",
              "ScienceQA's rule on the world's multiple-choice questions (`evaluate.py --score choice`); chance is "
-             "0.314.", "", "| | shapes-SQA | image | text-only | paper (ScienceQA) |", "|---|---|---|---|---|"]
+             f"{chance:.3f} (1 / the options, averaged over the questions).", "",
+             "| | shapes-SQA | image | text-only | paper (ScienceQA) |", "|---|---|---|---|---|"]
     for row, label, paper in (("default", "the penultimate layer, with stage 1 (the default)", "90.92"),
                               ("last_layer", "the last layer", "89.96"), ("no_stage1", "no stage 1", "85.81")):
         lines.append(f"| {label} | " + " | ".join(cell(row, "sqa", key) for key in ("overall", "image", "text"))
@@ -370,6 +374,12 @@ def sqa_table(cell, figures, config):
         if run:
             curves.append((order.replace("_", " "), [(step, run[f"sqa@{step}"]["overall"])
                                                      for step in order_steps(config)]))
+    scores = [values["sqa"]["overall"] for name, values in figures.items() if values and "sqa" in values] + [
+        value for _, points in curves for _, value in points]
+    if scores and max(scores) < chance + 0.1:
+        lines += ["", f"Every score here is within 0.1 of chance (the highest {max(scores):.3f}): the model does not "
+                  "map an answer onto its option's letter ([evaluation.md](evaluation.md#the-scienceqa-ablation)), so "
+                  "this table cannot show the paper's differences until it does."]
     if curves:
         png = os.path.join(config.docs, "ablations_sqa.png")
         evaluate.draw_curves(curves, png, "shapes-SQA accuracy", 1.0)

@@ -126,9 +126,13 @@ def test_the_tables_give_each_rows_mean_and_range_over_the_seeds_and_a_dash_wher
                "default_s1": {"sentence": {"accuracy": 0.8}, "vqa": {"accuracy": 0.7}},
                "without_format_prompt_s0": {"sentence": {"accuracy": 0.4}, "vqa": {"accuracy": 0.1}},
                "without_format_prompt_s1": None}
-    ablations.write_docs(settings, figures, {"default_s0"}, 60)
+    (tmp_path / "shapes_sqa.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in [
+        "Q?\nA. red\nB. blue\nAnswer with the option's letter from the given choices directly.",
+        "Context: C.\nQ?\nA. 1\nB. 2\nC. 3\nD. 0\nAnswer with the option's letter from the given choices directly."]))
+    ablations.write_docs(settings, str(tmp_path), figures, {"default_s0"}, 60)
     text = (tmp_path / "docs" / "ablations.md").read_text()
     assert "| with the prompt (the default) | 0.600 (0.500-0.700) | 0.850 (0.800-0.900) |" in text
     assert "| without it | - | - |" in text
     assert "| conversation | - | - | - | - | 73.8 |" in text  # the data table's rows never ran
     assert "1 runs in 1 min, 2 read back from earlier calls" in text
+    assert "chance is 0.375 (1 / the options" in text  # (1/2 + 1/4) / 2
