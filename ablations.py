@@ -17,8 +17,9 @@ The tables (the papers' figures beside ours):
             answer's order (reasoning first against answer first) as accuracy against the step
 
 Every run writes into --out_dir/<row> (ckpt.pt, log.jsonl, what its commands printed); each command is printed as it
-starts. A row that finished before with the same commands is read back, not run again (say --fresh to run it again);
-one that was interrupted runs again from its start. Runs go --jobs at a time, each with its share of the CPU threads.
+starts. A row that finished before with the same commands, world and bases is read back, not run again (--fresh
+runs it again); one that was interrupted runs again from its start. Runs go --jobs at a time, each with its share
+of the CPU threads.
 """
 import concurrent.futures
 import json
@@ -36,6 +37,7 @@ import flags
 import plus
 import weights
 import world
+from tinyllava import REPO_DIR as REPO, fingerprint
 
 USAGE = "python ablations.py [--tables data format sqa] [--seeds N] [--data_seeds N] [--jobs N] [--out_dir DIR]"
 PY = sys.executable
@@ -80,10 +82,12 @@ def main(argv=None):
             raise flags.Stop(f"--tables: no table {', '.join(sorted(unknown))} (the tables: {', '.join(TABLES)})")
         started, directory = time.time(), str(world.ensure_world())
         write_data(directory, config.out_dir)
-        figures, ran = run_all(plan(config, directory, config.tables), config)
+        inputs = {"world": directory, "bases": {name: fingerprint(os.path.join(REPO, "bases", name))
+                                                for name in ("clip", "llama")}}  # what every row reads besides
+        figures, ran = run_all(plan(config, directory, config.tables), config, inputs)
         for name, run in plan(config, directory, TABLES).items():  # the other tables' rows, where they finished
             if name not in figures:  # (on a run that did not run again since)
-                figures[name] = None if ran & set(run.after) else read_back(name, run, config)
+                figures[name] = None if ran & set(run.after) else read_back(name, run, config, inputs)
         write_docs(config, directory, figures, ran, time.time() - started)
 
 
@@ -192,7 +196,7 @@ def write_data(directory, out):
 # Running the rows, side by side, and reading what they print
 
 
-def run_all(runs, config):
+def run_all(runs, config, inputs):
     """({name: figures}, the names of those that ran) of every run, each started once the runs it needs have finished,
     config.jobs at a time."""
     assert all(needed in runs for run in runs.values() for needed in run.after)
@@ -202,7 +206,8 @@ def run_all(runs, config):
             ready = [name for name, run in waiting.items() if all(needed in figures for needed in run.after)]
             for name in ready[:config.jobs - len(running)]:
                 run = waiting.pop(name)  # run again after a run it starts from ran again
-                running[pool.submit(run_one, name, run, config, any(needed in ran for needed in run.after))] = name
+                again = any(needed in ran for needed in run.after)
+                running[pool.submit(run_one, name, run, config, inputs, again)] = name
             finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in finished:
                 name = running.pop(future)
@@ -211,13 +216,13 @@ def run_all(runs, config):
     return figures, ran
 
 
-def run_one(name, run, config, again):
+def run_one(name, run, config, inputs, again):
     """(figures, whether it ran): one row's commands run in order, or the figures of an earlier run of the same
-    commands read back (unless --fresh, or `again`)."""
+    commands on the same inputs (the world, the bases) read back (unless --fresh, or `again`)."""
     directory, commands = os.path.join(config.out_dir, name), [shown(command) for command in run.commands]
-    if not (config.fresh or again) and read_back(name, run, config) is not None:
-        print(f"{name}: finished before with the same commands; its figures read back from {directory}/done.json")
-        return read_back(name, run, config), False
+    if not (config.fresh or again) and read_back(name, run, config, inputs) is not None:
+        print(f"{name}: finished before (the same commands, world and bases): {directory}/done.json read back")
+        return read_back(name, run, config, inputs), False
     os.makedirs(directory, exist_ok=True)
     started = time.time()
     outputs = []
@@ -236,16 +241,17 @@ def run_one(name, run, config, again):
         outputs.append(result.stdout)
     figures = {kind: read_figures(kind, outputs[k], f"{directory}/output{k}.txt") for k, kind in run.read}
     seconds = round(time.time() - started)
-    plus.write_json(os.path.join(directory, "done.json"), {"commands": commands, "figures": figures,
-                                                           "seconds": seconds})
+    plus.write_json(os.path.join(directory, "done.json"), {"commands": commands, "inputs": inputs,
+                                                           "figures": figures, "seconds": seconds})
     print(f"{name}: finished in {seconds} s", flush=True)
     return figures, True
 
 
-def read_back(name, run, config):
-    """The figures of an earlier run of the row that finished with the same commands, else None."""
+def read_back(name, run, config, inputs):
+    """The figures of an earlier run of the row that finished with the same commands on the same inputs, else None."""
     done = done_record(config, name)
-    return done["figures"] if done.get("commands") == [shown(command) for command in run.commands] else None
+    same = done.get("commands") == [shown(command) for command in run.commands] and done.get("inputs") == inputs
+    return done["figures"] if same else None
 
 
 def done_record(config, name):

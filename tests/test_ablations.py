@@ -18,6 +18,9 @@ SCRIPTS = {"train.py": train.TrainConfig, "evaluate.py": evaluate.EvalConfig, "l
            "world.py": world.WorldConfig}
 
 
+INPUTS = {"world": "W", "bases": {"clip": "c1", "llama": "l1"}}
+
+
 def config(tmp_path, **changes):
     return ablations.AblationsConfig(**{"out_dir": str(tmp_path / "out"), "docs": str(tmp_path / "docs"), **changes})
 
@@ -104,20 +107,21 @@ def test_runs_wait_for_what_they_start_from_finished_runs_are_read_back_and_a_fa
     runs = {"later": ablations.Run([stub("accuracy: 0.25", tmp_path / "later")], ("first",), ((0, "vqa"),)),
             "first": ablations.Run([stub("accuracy: 0.5", tmp_path / "first")], (), ((0, "vqa"),)),
             "alone": ablations.Run([stub("accuracy: 1.0", tmp_path / "alone")], (), ((0, "vqa"),))}
-    figures, ran = ablations.run_all(runs, settings)
+    figures, ran = ablations.run_all(runs, settings, INPUTS)
     assert figures == {"first": {"vqa": {"accuracy": 0.5}}, "later": {"vqa": {"accuracy": 0.25}},
                        "alone": {"vqa": {"accuracy": 1.0}}} and ran == {"first", "later", "alone"}
     assert os.path.getmtime(tmp_path / "later") > os.path.getmtime(tmp_path / "first")
-    assert ablations.run_all(runs, settings) == (figures, set())  # read back: nothing ran again
+    assert ablations.run_all(runs, settings, INPUTS) == (figures, set())  # read back: nothing ran again
     assert (tmp_path / "first").read_text() == "x"
     (tmp_path / "out" / "first" / "done.json").unlink()  # "first" runs again, so "later", which starts from it, too
-    assert ablations.run_all(runs, settings)[1] == {"first", "later"}
+    assert ablations.run_all(runs, settings, INPUTS)[1] == {"first", "later"}
+    assert ablations.run_all(runs, settings, dict(INPUTS, world="other"))[1] == {"first", "later", "alone"}
     changed = dict(runs, alone=ablations.Run([stub("accuracy: 0.75", tmp_path / "alone")], (), ((0, "vqa"),)))
-    assert ablations.run_all(changed, settings)[0]["alone"] == {"vqa": {"accuracy": 0.75}}  # other commands: ran
+    assert ablations.run_all(changed, settings, INPUTS)[0]["alone"] == {"vqa": {"accuracy": 0.75}}  # other commands: ran
     failing = {"bad": ablations.Run([[sys.executable, "-c", "import sys; sys.exit('no such checkpoint')"]])}
     with pytest.raises(flags.Stop, match=r"bad: `python -c .*` failed \(exit 1\): no such checkpoint \(see .*"
                                          r"bad/progress0\.txt\)"):
-        ablations.run_all(failing, settings)
+        ablations.run_all(failing, settings, INPUTS)
 
 
 def test_the_tables_give_each_rows_mean_and_range_over_the_seeds_and_a_dash_where_a_run_is_missing(tmp_path):
