@@ -22,10 +22,12 @@ runs it again); one that was interrupted runs again from its start. Runs go --jo
 of the CPU threads.
 """
 import concurrent.futures
+import contextlib
 import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +44,7 @@ from tinyllava import REPO_DIR as REPO, fingerprint
 USAGE = "python ablations.py [--tables data format sqa] [--seeds N] [--data_seeds N] [--jobs N] [--out_dir DIR]"
 PY = sys.executable
 TABLES = ("data", "format", "sqa")
+RUNNING = set()  # the commands running now (subprocess.Popen), ended with this script
 CATEGORIES = ("conv", "detail", "complex", "all")  # LLaVA-Bench's, then all questions
 INSTRUCT_KINDS = ("conversation", "description+reasoning", "conversation+description+reasoning")  # Table 4's data
 
@@ -80,6 +83,7 @@ def main(argv=None):
         unknown = set(config.tables) - set(TABLES)
         if unknown:
             raise flags.Stop(f"--tables: no table {', '.join(sorted(unknown))} (the tables: {', '.join(TABLES)})")
+        stop_on_sigterm()
         started, directory = time.time(), str(world.ensure_world())
         write_data(directory, config.out_dir)
         inputs = {"world": directory, "bases": {name: fingerprint(os.path.join(REPO, "bases", name))
@@ -201,7 +205,7 @@ def run_all(runs, config, inputs):
     config.jobs at a time."""
     assert all(needed in runs for run in runs.values() for needed in run.after)
     figures, running, waiting, ran = {}, {}, dict(runs), set()
-    with concurrent.futures.ThreadPoolExecutor(config.jobs) as pool:
+    with concurrent.futures.ThreadPoolExecutor(config.jobs) as pool, ending_what_runs():
         while waiting or running:
             ready = [name for name, run in waiting.items() if all(needed in figures for needed in run.after)]
             for name in ready[:config.jobs - len(running)]:
@@ -214,6 +218,25 @@ def run_all(runs, config, inputs):
                 figures[name], did_run = future.result()  # a failed run raises here, naming itself
                 ran.update([name] if did_run else [])
     return figures, ran
+
+
+@contextlib.contextmanager
+def ending_what_runs():
+    """On the way out through an error (a failed run, Ctrl-C, SIGTERM), the commands still running are ended too
+    (SIGTERM: train.py saves a checkpoint first) rather than left behind writing into the runs' directories."""
+    try:
+        yield
+    except BaseException:
+        for child in list(RUNNING):
+            child.terminate()
+        raise
+
+
+def stop_on_sigterm():
+    """SIGTERM ends this script as Ctrl-C does (flags.one_line_errors: exit status 130), its commands with it."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def run_one(name, run, config, inputs, again):
@@ -230,15 +253,18 @@ def run_one(name, run, config, inputs, again):
         print(f"{name}: {commands[k]}", flush=True)
         log = os.path.join(directory, f"progress{k}.txt")
         with open(log, "w") as progress:
-            result = subprocess.run(command, stdout=subprocess.PIPE, stderr=progress, text=True, env=dict(
+            child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=progress, text=True, env=dict(
                 os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // config.jobs))))
+            RUNNING.add(child)
+            printed = child.communicate()[0]
+            RUNNING.discard(child)
         with open(os.path.join(directory, f"output{k}.txt"), "w") as f:
-            f.write(result.stdout)
-        if result.returncode != 0:
+            f.write(printed)
+        if child.returncode != 0:
             with open(log) as f:
                 last = (f.read().strip().splitlines() or ["(nothing)"])[-1]
-            raise flags.Stop(f"{name}: `{commands[k]}` failed (exit {result.returncode}): {last} (see {log})")
-        outputs.append(result.stdout)
+            raise flags.Stop(f"{name}: `{commands[k]}` failed (exit {child.returncode}): {last} (see {log})")
+        outputs.append(printed)
     figures = {kind: read_figures(kind, outputs[k], f"{directory}/output{k}.txt") for k, kind in run.read}
     seconds = round(time.time() - started)
     plus.write_json(os.path.join(directory, "done.json"), {"commands": commands, "inputs": inputs,

@@ -3,7 +3,10 @@ figures are read from what the scorers print (hand-computed); the data cuts; the
 failures; the tables' cells."""
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -13,6 +16,7 @@ import flags
 import llava_bench
 import train
 import world
+from tiny_llava import REPO
 
 SCRIPTS = {"train.py": train.TrainConfig, "evaluate.py": evaluate.EvalConfig, "llava_bench.py": llava_bench.BenchConfig,
            "world.py": world.WorldConfig}
@@ -140,3 +144,42 @@ def test_the_tables_give_each_rows_mean_and_range_over_the_seeds_and_a_dash_wher
     assert "| conversation | - | - | - | - | 73.8 |" in text  # the data table's rows never ran
     assert "1 runs in 1 min, 2 read back from earlier calls" in text
     assert "chance is 0.375 (1 / the options" in text  # (1/2 + 1/4) / 2
+
+
+def sleeper(pid_file):
+    """A command that writes its pid, then runs for a minute unless ended."""
+    return [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+                                  "time.sleep(60)"]
+
+
+def gone(pid_file, within=10):
+    """Whether the process named in pid_file has ended within `within` seconds."""
+    deadline = time.time() + within
+    while time.time() < deadline:
+        if pid_file.exists() and pid_file.read_text():
+            try:
+                os.kill(int(pid_file.read_text()), 0)
+            except ProcessLookupError:
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_failed_run_or_sigterm_ends_the_commands_still_running(tmp_path):
+    runs = {"slow": ablations.Run([sleeper(tmp_path / "slow.pid")]),
+            "bad": ablations.Run([[sys.executable, "-c", "import time, sys; time.sleep(1); sys.exit('broken')"]])}
+    started = time.time()
+    with pytest.raises(flags.Stop, match="bad: .* broken"):
+        ablations.run_all(runs, config(tmp_path, jobs=2), INPUTS)
+    assert time.time() - started < 20 and gone(tmp_path / "slow.pid")
+    script = (f"import sys; sys.path.insert(0, {REPO!r}); import ablations, flags\n"
+              f"with flags.one_line_errors('ablations.py'):\n"
+              f"    ablations.stop_on_sigterm()\n"
+              f"    ablations.run_all({{'slow': ablations.Run([{sleeper(tmp_path / 'term.pid')!r}])}}, "
+              f"ablations.AblationsConfig(out_dir={str(tmp_path / 'out2')!r}), {{}})\n")
+    orchestrator = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while not (tmp_path / "term.pid").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    orchestrator.send_signal(signal.SIGTERM)
+    assert orchestrator.wait(timeout=20) == 130 and gone(tmp_path / "term.pid")
