@@ -121,7 +121,7 @@ def test_runs_wait_for_what_they_start_from_finished_runs_are_read_back_and_a_fa
     assert ablations.run_all(runs, settings, INPUTS)[1] == {"first", "later"}
     assert ablations.run_all(runs, settings, dict(INPUTS, world="other"))[1] == {"first", "later", "alone"}
     changed = dict(runs, alone=ablations.Run([stub("accuracy: 0.75", tmp_path / "alone")], (), ((0, "vqa"),)))
-    assert ablations.run_all(changed, settings, INPUTS)[0]["alone"] == {"vqa": {"accuracy": 0.75}}  # other commands: ran
+    assert ablations.run_all(changed, settings, INPUTS)[0]["alone"] == {"vqa": {"accuracy": 0.75}}  # new commands
     failing = {"bad": ablations.Run([[sys.executable, "-c", "import sys; sys.exit('no such checkpoint')"]])}
     with pytest.raises(flags.Stop, match=r"bad: `python -c .*` failed \(exit 1\): no such checkpoint \(see .*"
                                          r"bad/progress0\.txt\)"):
