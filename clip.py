@@ -190,8 +190,11 @@ class CLIPVision(nn.Module):
         self.config = config
         width = config.hidden_size
         self.patch_embedding = nn.Conv2d(config.num_channels, width, config.patch_size, config.patch_size, bias=False)
-        self.class_embedding = nn.Parameter(torch.randn(width) * width ** -0.5)
-        self.position_embedding = nn.Parameter(torch.randn(config.num_patches + 1, width) * 0.02)
+        self.class_embedding = nn.Parameter(torch.empty(width))
+        self.position_embedding = nn.Parameter(torch.empty(config.num_patches + 1, width))
+        if not self.class_embedding.is_meta:  # drawn for a tower trained from scratch (make_bases.py), not loaded
+            nn.init.normal_(self.class_embedding, std=width ** -0.5)
+            nn.init.normal_(self.position_embedding, std=0.02)
         self.pre_layernorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.post_layernorm = nn.LayerNorm(width, eps=config.layer_norm_eps)

@@ -311,7 +311,8 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.inverse_frequencies = None  # rope's, computed on first use (not a buffer: never saved or loaded)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,  # drawn by _init_weights alone
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -322,6 +323,8 @@ class Llama(nn.Module):
 
     @staticmethod
     def _init_weights(module):
+        if getattr(module, "weight", None) is not None and module.weight.is_meta:
+            return  # built to be loaded (weights.empty_model): nothing to draw, and normal_ on meta is slow to start
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
