@@ -253,7 +253,9 @@ def run_one(name, run, config, inputs, again):
         print(f"{name}: {commands[k]}", flush=True)
         log = os.path.join(directory, f"progress{k}.txt")
         with open(log, "w") as progress:
-            child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=progress, text=True, env=dict(
+            script = os.path.join(REPO, command[1])  # the repository's scripts, wherever this one is run from
+            argv = [command[0], script, *command[2:]] if os.path.isfile(script) else command
+            child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=progress, text=True, env=dict(
                 os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // config.jobs))))
             RUNNING.add(child)
             printed = child.communicate()[0]

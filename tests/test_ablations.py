@@ -183,3 +183,10 @@ def test_a_failed_run_or_sigterm_ends_the_commands_still_running(tmp_path):
         time.sleep(0.1)
     orchestrator.send_signal(signal.SIGTERM)
     assert orchestrator.wait(timeout=20) == 130 and gone(tmp_path / "term.pid")
+
+
+def test_the_repositorys_scripts_run_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no world.py here
+    runs = {"help": ablations.Run([[sys.executable, "world.py", "--help"]])}
+    assert ablations.run_all(runs, config(tmp_path), INPUTS) == ({"help": {}}, {"help"})
+    assert "python world.py --seed 1" in (tmp_path / "out" / "help" / "output0.txt").read_text()
