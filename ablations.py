@@ -60,7 +60,8 @@ class AblationsConfig:
     stage1_steps: int = 0  # stage 1's optimizer steps (0: its epoch, as the default recipe; fewer for a quick look)
     # where and how
     out_dir: str = "out/ablations"  # the runs' directories, one per row
-    docs: str = "docs"  # where ablations.md and ablations_sqa.png are written
+    docs: str = ""  # where ablations.md and ablations_sqa.png are written ("": docs/ with the default --out_dir,
+                    # else --out_dir itself, so that a run elsewhere never replaces docs/'s tables)
     jobs: int = 2  # runs side by side (each with os.cpu_count() // jobs threads, at least 1)
     fresh: bool = False  # run every row again, even one that finished before with the same commands
 
@@ -73,11 +74,12 @@ class Run(NamedTuple):
 
 
 def main(argv=None):
-    with flags.one_line_errors("ablations.py"):
+    with flags.one_line_errors("ablations.py", expected=(OSError,)):  # a file it cannot write or read, named
         given = flags.command_line(AblationsConfig, argv, "ablations.py", USAGE, __doc__)
         if given is None:  # --help
             return
         config = AblationsConfig(**given)
+        config.docs = docs_directory(config)
         flags.at_least(config, 1, "seeds", "data_seeds", "steps", "jobs", "order_every")
         flags.at_least(config, 0, "stage1_steps")
         unknown = set(config.tables) - set(TABLES)
@@ -94,6 +96,10 @@ def main(argv=None):
                 figures[name] = None if ran & set(run.after) else read_back(name, run, config, inputs)
         write_docs(config, directory, figures, ran, time.time() - started)
 
+
+def docs_directory(config):
+    """--docs, or docs/ for the default --out_dir, or --out_dir itself: a run elsewhere never replaces docs/."""
+    return config.docs or ("docs" if config.out_dir == AblationsConfig.out_dir else config.out_dir)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The rows: which runs each table needs, as the commands a user would type

@@ -190,3 +190,9 @@ def test_the_repositorys_scripts_run_from_any_directory(tmp_path, monkeypatch):
     runs = {"help": ablations.Run([[sys.executable, "world.py", "--help"]])}
     assert ablations.run_all(runs, config(tmp_path), INPUTS) == ({"help": {}}, {"help"})
     assert "python world.py --seed 1" in (tmp_path / "out" / "help" / "output0.txt").read_text()
+
+
+def test_the_tables_go_to_docs_only_from_the_default_runs():
+    assert ablations.docs_directory(ablations.AblationsConfig()) == "docs"
+    assert ablations.docs_directory(ablations.AblationsConfig(out_dir="/tmp/try")) == "/tmp/try"  # docs/ untouched
+    assert ablations.docs_directory(ablations.AblationsConfig(out_dir="/tmp/try", docs="docs")) == "docs"
