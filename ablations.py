@@ -25,7 +25,6 @@ import concurrent.futures
 import contextlib
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -37,6 +36,7 @@ from typing import NamedTuple
 import evaluate
 import flags
 import plus
+import runtime
 import weights
 import world
 from tinyllava import REPO_DIR as REPO, fingerprint
@@ -249,9 +249,10 @@ def run_one(name, run, config, inputs, again):
     """(figures, whether it ran): one row's commands run in order, or the figures of an earlier run of the same
     commands on the same inputs (the world, the bases) read back (unless --fresh, or `again`)."""
     directory, commands = os.path.join(config.out_dir, name), [shown(command) for command in run.commands]
-    if not (config.fresh or again) and read_back(name, run, config, inputs) is not None:
+    earlier = None if config.fresh or again else read_back(name, run, config, inputs)
+    if earlier is not None:
         print(f"{name}: finished before (the same commands, world and bases): {directory}/done.json read back")
-        return read_back(name, run, config, inputs), False
+        return earlier, False
     os.makedirs(directory, exist_ok=True)
     started = time.time()
     outputs = []
@@ -340,7 +341,7 @@ def write_docs(config, directory, figures, ran, seconds):
     ran_here = f"{len(ran)} runs in {seconds / 60:.0f} min" if ran else "no run"
     read_back_here = f", {len(finished) - len(ran)} read back from earlier calls" if len(finished) > len(ran) else ""
     lines = ["# Ablations in miniature", "", "Back to the [README](../README.md).", "",
-             f"Written by `{command}` on {cpu_name()}, {os.cpu_count()} cores, {config.jobs} run(s) side by side: "
+             f"Written by `{command}` on {runtime.cpu_name()}, {os.cpu_count()} cores, {config.jobs} run(s) side by side: "
              f"{ran_here}{read_back_here}; the {len(finished)} runs' own times add up to {run_time / 60:.0f} min, "
              f"about {run_time / 60 / config.jobs:.0f} min {config.jobs} at a time. Stage 2 runs {config.steps} steps "
              f"from the same stage 1 in every row but the answer-order ones, with {config.seeds} seed(s), LLaVA Table "
@@ -425,17 +426,6 @@ def sqa_table(cell, figures, config, directory):
         evaluate.draw_curves(curves, png, "shapes-SQA accuracy", 1.0)
         lines += ["", "![shapes-SQA accuracy against the step](ablations_sqa.png)"]
     return lines + [""]
-
-
-def cpu_name():
-    """The CPU's model name as lscpu gives it, and whether it has AVX-512."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        name = re.search(r"^model name\s*: (.*)$", info, flags=re.M).group(1).strip()
-        return name + (" with AVX-512" if " avx512f" in info else " without AVX-512")
-    except (OSError, AttributeError):
-        return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

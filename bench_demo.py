@@ -29,6 +29,7 @@ from PIL import Image
 import ask
 import demo
 import flags
+import runtime
 import world
 from data import load_image
 from sample import Chat
@@ -64,18 +65,13 @@ def main(argv=None):
                                         max_new_tokens=config.max_new_tokens)
         server = demo.make_server(server_config, demo.Demo(model, tokenizer, server_config, ask.model_id(path)))
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        print(f"cpu: {cpu_name()}, {os.cpu_count()} cores, torch threads {config.threads or 'default'}")
+        print(f"cpu: {runtime.cpu_name()}, {os.cpu_count()} cores, torch threads {config.threads or 'default'}")
         expected = alone(model, tokenizer, items, directory, config.max_new_tokens)
         under_load(server, items, expected, config)
         bad_uploads_refused(server, os.path.join(directory, "images", "val_00113.png"), expected, items)
         if config.screenshot:
             take_screenshot(server, config.screenshot)
         server.shutdown()
-
-
-def cpu_name():
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
 
 
 def alone(model, tokenizer, items, directory, max_new_tokens):

@@ -8,6 +8,7 @@ and precision, and the model wrapped for them.
 """
 import contextlib
 import os
+import platform
 import signal
 from dataclasses import dataclass, field
 
@@ -16,6 +17,19 @@ import torch.distributed as dist
 
 from flags import Stop
 from llama import Block
+
+
+def cpu_name():
+    """The CPU's model name as lscpu gives it, and whether it has AVX-512 (the figures here depend on both)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    return name + (" with AVX-512" if " avx512f" in info else " without AVX-512")
+
 
 @dataclass
 class Runtime:
