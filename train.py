@@ -426,10 +426,12 @@ def take_steps(run, started, stop):
             if run.step % config.log_interval == 0 or run.step in (first_step + 1, stop_step):
                 progress.report(run, interval, epoch, lr, stats["grad_norm"], started, peak)
                 interval = dict(losses=[], tokens=0, flops=0.0, time=time.time())
+            paused = time.time()  # evals and checkpoints are left out of the next progress line's tokens/s
             if config.eval_interval and run.step % config.eval_interval == 0 and run.step < run.total_steps:
                 run.evaluate_held_out()
             if config.checkpoint_interval and run.step % config.checkpoint_interval == 0 and run.step < stop_step:
                 checkpoints.save(run)
+            interval["time"] += time.time() - paused
             if stop.agreed(run.runtime):
                 return
 

@@ -164,6 +164,28 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_
     assert resumed == pytest.approx(losses, rel=1e-6)
 
 
+def test_tokens_per_second_counts_the_steps_not_the_evals_and_checkpoints_between_them(tiny, tmp_path, monkeypatch):
+    """On a clock where a step takes 1 s, a held-out eval 100 s and a checkpoint 50 s, every progress line's tokens/s
+    is its step's tokens over 1 s, the steps right after an eval and a checkpoint included."""
+    clock, tokens = [0.0], []
+    step, evaluate, save = train.train_step, train.Run.evaluate_held_out, train.checkpoints.save
+
+    def taking(seconds, function, results=None):
+        def run(*args, **kwargs):
+            result = function(*args, **kwargs)
+            clock[0] += seconds
+            if results is not None:
+                results.append(result["tokens"])
+            return result
+        return run
+    monkeypatch.setattr(train, "train_step", taking(1.0, step, tokens))
+    monkeypatch.setattr(train.Run, "evaluate_held_out", taking(100.0, evaluate))
+    monkeypatch.setattr(train.checkpoints, "save", taking(50.0, save))
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    train.main(flags(tiny, tmp_path, max_steps=4, eval_interval=1, checkpoint_interval=1))
+    assert [record["tokens_per_s"] for record in train_log(tmp_path)] == pytest.approx(tokens)
+
+
 def test_resume_refuses_a_changed_recipe(tiny, tmp_path):
     train.main(flags(tiny, tmp_path, max_steps=2, stop_at_step=1))
     with pytest.raises(SystemExit, match=r"--learning_rate \(0\.003 in the checkpoint, 0\.01 given\)"):
